@@ -1,0 +1,173 @@
+"""Training throughput: onnxruntime-training vs PyTorch, LeNet-5 and LeNet-300-100, batch 64.
+
+Each measurement runs in its own process (the frameworks would otherwise compete for the cores)
+with the same intra-op thread count, on real MNIST batches, with SGD (momentum 0.9, weight decay
+5e-4, cross-entropy). Variants:
+
+* ``torch``: ``torch.optim.SGD`` on the zoo's PyTorch module;
+* ``ort-dense``: onnxruntime-training step (forward, backward, momentum update) of the exported model;
+* ``ort-dns``: the same on the masked model with straight-through gradients (weights and biases
+  masked), surgery disabled: the cost of the masks in the graph;
+* ``ort-dns-surgery``: the DNS training loop with surgery at *every* step (gamma = 0, the worst
+  case; with the default gamma 1e-4 it runs at about 1/(1 + 1e-4 t) of the steps).
+
+Run: ``/work/venv/bin/python benchmarks/train_throughput.py`` (writes
+``benchmarks/results/train_throughput.json``); ``--steps`` and ``--repeats`` trade time for noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("lenet-5", "lenet-300-100")
+VARIANTS = ("torch", "ort-dense", "ort-dns", "ort-dns-surgery")
+BATCH = 64
+RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+
+
+def _batches(n: int, seed: int = 0):
+    import numpy as np
+
+    from onnxdns.data import load_dataset
+
+    train = load_dataset("mnist", "train")
+    order = np.random.default_rng(seed).permutation(len(train))[: n * BATCH]
+    return [(np.ascontiguousarray(train.images[order[i * BATCH:(i + 1) * BATCH]]),
+             np.ascontiguousarray(train.labels[order[i * BATCH:(i + 1) * BATCH]])) for i in range(n)]
+
+
+def _time(step, n: int, warmup: int, repeats: int) -> list[float]:
+    """Steps per second of ``repeats`` timed passes of ``step(i)`` over batches i < n (after
+    ``warmup`` untimed steps)."""
+    for i in range(warmup):
+        step(i % n)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(n):
+            step(i)
+        rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+def worker_torch(model: str, steps: int, repeats: int, threads: int) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+
+    from onnxdns.models import build
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    net = build(model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in _batches(steps)]
+
+    def step(i: int) -> None:
+        x, y = batches[i]
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return _time(step, len(batches), warmup=10, repeats=repeats)
+
+
+def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int) -> list[float]:
+    import numpy as np
+
+    from onnxdns import modelio
+    from onnxdns.models import export_model
+    from onnxdns.training import artifacts
+    from onnxdns.training.api import artifact_spec
+    from onnxdns.training.config import TrainConfig
+    from onnxdns.training.loop import Dataset, Trainer
+    from onnxdns.training.methods import get_method
+    from onnxdns.training.optim import LRSchedule
+    from onnxdns.training.params import select_parameters
+    from onnxdns.training.session import TrainingSession
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = export_model(model, Path(tmp) / "model.onnx")
+        config = TrainConfig(method="none" if variant == "ort-dense" else "dns", dns_gamma=0.0, dns_phases="all:1.0")
+        method = get_method(config)
+        forward = method.prepare(modelio.load_model(src))
+        params = select_parameters(forward)
+        spec = artifact_spec(config, params, forward, method.artifact_options(params))
+        session = TrainingSession(artifacts.generate(forward, Path(tmp) / "artifacts", spec), threads=threads)
+        batches = _batches(steps)
+        if variant != "ort-dns-surgery":
+            return _time(lambda i: session.train_step(*batches[i], 0.01), steps, warmup=10, repeats=repeats)
+        data = Dataset(np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+        total = 10 + steps * repeats
+        trainer = Trainer(session, data, data, batch_size=BATCH, total_steps=total,
+                          schedule=LRSchedule("constant", 0.01, total), layers=params.layers,
+                          hooks=method.hooks(params, total), progress=False)
+        for hook in trainer.hooks:
+            hook.bind(trainer)
+        return _time(lambda i: trainer._train_step(np.arange(i * BATCH, (i + 1) * BATCH)), steps, warmup=10,
+                     repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=0, help="steps per timed pass (default: 300 LeNet-300-100, 60 LeNet-5)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        model, variant = args.worker
+        if variant == "torch":
+            rates = worker_torch(model, args.steps, args.repeats, args.threads)
+        else:
+            rates = worker_ort(model, variant, args.steps, args.repeats, args.threads)
+        print(json.dumps(rates))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    results = []
+    load_before = os.getloadavg()
+    for model in MODELS:
+        steps = args.steps or (60 if model == "lenet-5" else 300)
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--worker", model, variant, "--steps", str(steps),
+                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"{model} {variant} failed:\n{proc.stderr[-2000:]}")
+            rates = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = {"model": model, "variant": variant, "batch": BATCH, "threads": args.threads,
+                   "steps_per_s_median": statistics.median(rates), "steps_per_s_best": max(rates),
+                   "steps_per_s_all": rates}
+            results.append(row)
+            print(f"{model:14} {variant:16} median {row['steps_per_s_median']:8.1f} steps/s "
+                  f"(best {row['steps_per_s_best']:.1f})", flush=True)
+    import onnxruntime
+    import torch
+
+    payload = {
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+        "setup": "SGD momentum 0.9, weight decay 5e-4, cross-entropy, MNIST batches of 64; one process per measurement",
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"-> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

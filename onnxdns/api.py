@@ -1,0 +1,267 @@
+"""The Python API behind the command line: optimize, inspect, validate.
+
+``optimize`` never touches its input file: the result is written atomically to another path,
+then checked (onnx full check + shape inference) and compared with the input in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from onnxdns import modelio, pipelines
+from onnxdns.errors import OnnxdnsError
+from onnxdns.stats import ModelStats, model_stats
+
+if TYPE_CHECKING:
+    from onnxdns.validate import Comparison
+
+# onnxdns.validate and onnxdns.runtime are imported where used: importing onnxruntime-training
+# takes seconds (it imports torch), which `onnxdns inspect` does not need.
+
+#: Exact pipelines fail validation when max abs diff > EXACT_TOLERANCE x max(1, output scale).
+EXACT_TOLERANCE = 1e-4
+#: Bound for pipelines whose only inexact pass is ``convert-fp16`` (fp16 keeps ~3 decimal digits
+#: per operation; errors add up over layers): max abs diff <= FP16_TOLERANCE x max(1, output scale).
+FP16_TOLERANCE = 1e-2
+FP16_PASS = "convert-fp16"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRun:
+    """What one pass did in :func:`optimize`."""
+
+    name: str
+    modified: bool
+    seconds: float
+    details: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """How the optimized model was checked.
+
+    ``status`` is ``"passed"``, ``"failed"``, ``"reported"`` (lossy passes ran: differences are
+    reported, no bound applies), ``"structure-only"`` (no numeric comparison possible or asked
+    for; the structure was checked).
+    """
+
+    status: str
+    message: str
+    comparison: Comparison | None = None
+    #: The largest max abs diff allowed (None when no bound applies).
+    bound: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    input_path: Path
+    output_path: Path
+    target: str
+    precision: str
+    passes: tuple[PassRun, ...]
+    before: ModelStats
+    after: ModelStats
+    validation: Validation
+
+    @property
+    def ok(self) -> bool:
+        return self.validation.ok
+
+
+def optimize(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    target: str = "cpu",
+    precision: str = "fp32",
+    passes: Sequence[str] | None = None,
+    validate: bool = True,
+    data: str = "random",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    samples: int | None = None,
+) -> OptimizeResult:
+    """Run the ``target`` pipeline (or the passes named in ``passes``) and save the result.
+
+    The saved model is validated against the input: exact pipelines must match within
+    ``EXACT_TOLERANCE`` x max(1, output scale), fp16 ones within ``FP16_TOLERANCE`` x the same;
+    pipelines with other lossy passes get their differences reported. A failed validation is
+    reported in the result (``result.ok`` is False); the output file is kept.
+    """
+    from onnxdns.validate import DATA_CHOICES, check_image_input, load_data
+
+    src, out = Path(input_path), Path(output_path)
+    _check_output_path(src, out)
+    pipelines.check_target(target, precision)
+    if passes is None:
+        pipeline = pipelines.get_pipeline(target, precision)
+    else:
+        pipeline = pipelines.custom_pipeline(list(passes), target)
+        if precision == "fp16" and FP16_PASS not in passes:
+            raise OnnxdnsError(f"--precision fp16 with --passes needs '{FP16_PASS}' in the pass list")
+    if data not in DATA_CHOICES:
+        raise OnnxdnsError(f"unknown data '{data}'; choose one of: {', '.join(DATA_CHOICES)}")
+
+    model = modelio.load_model(src)
+    dataset = None
+    if validate and data != "random":  # fail on data problems before doing any work
+        check_image_input(model, data)
+        dataset = load_data(data, data_dir, download)
+    before = model_stats(model, file_bytes=src.stat().st_size)
+
+    ir_model = modelio.to_ir(model)
+    runs = []
+    for pass_ in pipeline:
+        t0 = time.perf_counter()
+        try:
+            applied = pass_.apply(ir_model)
+        except ir.passes.PreconditionError as e:
+            raise OnnxdnsError(f"pass '{pass_.name}' cannot run on this model: {_reason(e)}") from None
+        runs.append(PassRun(pass_.name, bool(applied.modified), time.perf_counter() - t0, dict(applied.details)))
+        ir_model = applied.model
+
+    proto = modelio.to_proto(ir_model)
+    try:
+        modelio.save_model(proto, out, protect=(src,))
+    except OSError as e:
+        raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
+    after = model_stats(proto, file_bytes=out.stat().st_size)
+
+    exact = all(getattr(p, "exact", False) for p in pipeline)
+    fp16 = any(p.name == FP16_PASS for p in pipeline)
+    lossy = list(dict.fromkeys(p.name for p in pipeline if not getattr(p, "exact", False) and p.name != FP16_PASS))
+    # Compared with the input file, untouched on disk (the in-memory proto shares buffers with the passes' model).
+    validation = _validate_output(src, out, target=target, fp16=fp16, exact=exact, lossy=lossy,
+                                  numeric=validate, data=dataset if dataset is not None else data, samples=samples,
+                                  macs=before.macs)
+    return OptimizeResult(src, out, target, precision, tuple(runs), before, after, validation)
+
+
+def inspect(path: str | os.PathLike) -> ModelStats:
+    """Statistics of the ONNX file at ``path`` (per-layer rows and totals)."""
+    p = Path(path)
+    model = modelio.load_model(p)
+    return model_stats(model, file_bytes=p.stat().st_size)
+
+
+def validate(model_a: str | os.PathLike | onnx.ModelProto, model_b: str | os.PathLike | onnx.ModelProto,
+             **options: Any) -> Comparison:
+    """Compare two models (paths are loaded and checked first); ``options`` go to
+    :func:`onnxdns.validate.compare`."""
+    from onnxdns.validate import compare
+
+    a = model_a if isinstance(model_a, onnx.ModelProto) else modelio.load_model(model_a)
+    b = model_b if isinstance(model_b, onnx.ModelProto) else modelio.load_model(model_b)
+    return compare(a, b, **options)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_output_path(src: Path, out: Path) -> None:
+    if (out.exists() and src.exists() and os.path.samefile(out, src)) or out.resolve() == src.resolve():
+        raise OnnxdnsError(f"{out}: the output path is the input model; choose another output path")
+    if out.is_dir():
+        raise OnnxdnsError(f"{out}: is a directory; give an output file name")
+    if not out.parent.exists():
+        raise OnnxdnsError(f"{out.parent}: output folder does not exist")
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost non-empty message of an exception chain, as one line.
+
+    onnx-ir wraps an exception raised in ``requires`` as "Pre-condition for pass ... failed"; the
+    pass's own reason is its cause.
+    """
+    text = ""
+    while e is not None:
+        text = str(e).strip() or text
+        e = e.__cause__
+    return text.splitlines()[0] if text else "unknown reason"
+
+
+#: Multiply-accumulates that optimize's validation may spend on random inputs (a few seconds).
+VALIDATION_MACS = 4 * 10**10
+
+
+def _validation_effort(macs: int, data: Any, samples: int | None) -> dict[str, Any]:
+    """Samples and latency runs for validating a model of ``macs`` MACs per sample.
+
+    Small models get 256 random samples and latency at batch 1 and 32; large ones (VGG-16 on
+    ImageNet: 15.5 GMACs) fewer samples and batch 1 only, so validation stays within seconds.
+    Dataset validation always uses the whole test split unless ``samples`` is given.
+    """
+    macs = max(int(macs), 1)
+    if samples is None and data == "random":
+        samples = int(min(256, max(8, VALIDATION_MACS // macs)))
+    small = 32 * macs * 10 <= VALIDATION_MACS
+    return {"samples": samples, "latency_batches": (1, 32) if small else (1,), "repeats": 10 if small else 3}
+
+
+def _check_structure(path: Path) -> str | None:
+    """None when the saved model passes onnx's checker and its full check (strict shape inference).
+
+    onnx's shape inference types sparse initializers as ``sparse_tensor``, which no standard
+    operator accepts (onnxruntime densifies them at load time), so the full check runs on a copy
+    whose sparse initializers are stored densely.
+    """
+    try:
+        model = onnx.load_model(str(path))
+        onnx.checker.check_model(model)
+        if model.graph.sparse_initializer:
+            for sp in model.graph.sparse_initializer:
+                model.graph.initializer.append(numpy_helper.from_array(modelio.sparse_to_array(sp), sp.values.name))
+            del model.graph.sparse_initializer[:]
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # the checker and shape inference raise several types
+        return _reason(e)
+    return None
+
+
+def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact: bool,
+                     lossy: list[str], numeric: bool, data: Any, samples: int | None, macs: int) -> Validation:
+    from onnxdns import runtime
+    from onnxdns.validate import compare
+
+    problem = _check_structure(out)
+    if problem is not None:
+        return Validation("failed", f"structure check failed: {problem}")
+    structure = "structure checked (onnx full check + shape inference)"
+    if not numeric:
+        return Validation("structure-only", f"numeric validation skipped (--no-validate); {structure}")
+    cuda = runtime.has_cuda()
+    if fp16 and not cuda:
+        return Validation("structure-only",
+                          f"fp16: numeric validation needs CUDA, which is not available here; {structure} only")
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if target == "cuda" and cuda else ("CPUExecutionProvider",)
+    where = "CUDA" if providers[0] == "CUDAExecutionProvider" else "CPU"
+    note = " (CUDA absent: cuda-target model validated on the CPU provider)" if target == "cuda" and not cuda else ""
+    try:
+        comparison = compare(source, out, data=data, providers=providers, **_validation_effort(macs, data, samples))
+    except OnnxdnsError as e:
+        return Validation("failed", f"cannot compare the output with the input in onnxruntime: {e}")
+    scale = max(1.0, comparison.output_scale)
+    if exact:
+        tolerance, label = EXACT_TOLERANCE, "exact"
+    elif fp16 and not lossy:
+        tolerance, label = FP16_TOLERANCE, "fp16"
+    else:
+        return Validation("reported", f"lossy passes ({', '.join(lossy)}): differences reported, no bound applies; "
+                                      f"{structure}; run on {where}{note}", comparison)
+    bound = tolerance * scale
+    verdict = "passed" if comparison.within(tolerance) else "failed"
+    message = (f"max abs diff {comparison.max_abs_diff:.3g} {'<=' if verdict == 'passed' else '>'} {bound:.3g} "
+               f"({label} bound {tolerance:g} x max(1, output scale {comparison.output_scale:.3g})), on {where}{note}")
+    return Validation(verdict, message, comparison, bound)

@@ -1,0 +1,196 @@
+"""The ``onnxdns`` command line: parses arguments, calls :mod:`onnxdns.api`, prints the results.
+
+Exit status: 0 success, 1 internal error (traceback with ``--debug``), 2 user mistake (one line
+on stderr), 3 validation of an optimized model failed (the output file is kept), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from onnxdns import __version__
+from onnxdns.data import DATASETS
+from onnxdns.errors import OnnxdnsError
+
+DATA_CHOICES = ("random", *DATASETS)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_VALIDATION, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
+
+
+class _UsageError(Exception):
+    """An argparse error, reported like any other user mistake."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of internal errors")
+    parser = _Parser(
+        prog="onnxdns",
+        description="Make ONNX models smaller and faster (Dynamic Network Surgery, Network Slimming, "
+                    "sparse plus low-rank), measured on onnxruntime.",
+        epilog="exit status: 0 ok, 1 internal error, 2 usage or input error, 3 validation failed, 130 interrupted",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"onnxdns {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("optimize", parents=[common], help="run a target pipeline and save the optimized model",
+                       description="Run the target's pass pipeline (or --passes), save atomically, validate.")
+    p.add_argument("input", type=Path, metavar="IN.onnx")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--passes", metavar="A,B,...", help="comma-separated pass names instead of the target pipeline")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison with the input")
+    p.add_argument("--data", choices=DATA_CHOICES, default="random", help="validation inputs (default: random)")
+    p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--samples", type=_positive_int, help="number of validation samples")
+    p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("inspect", parents=[common], help="per-layer parameters, non-zeros and MACs",
+                       description="Per-layer table (params, non-zeros, density, MACs at batch 1), totals, file size.")
+    p.add_argument("model", type=Path, metavar="M.onnx")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("validate", parents=[common], help="compare two models in onnxruntime",
+                       description="Output differences, top-1 agreement, accuracy and latency of A and B side by side.")
+    p.add_argument("model_a", type=Path, metavar="A.onnx")
+    p.add_argument("model_b", type=Path, metavar="B.onnx")
+    p.add_argument("--data", choices=DATA_CHOICES, default="random")
+    p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--samples", type=_positive_int, help="number of samples (default: test split, or 256 random)")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per model and batch size")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("passes", parents=[common], help="list the registered passes")
+    p.set_defaults(func=_passes)
+
+    p = sub.add_parser("export", parents=[common], help="export a model of the zoo to ONNX")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE")
+    p.add_argument("--list", action="store_true", help="list the models")
+    p.set_defaults(func=_export)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from onnxdns import api, report
+
+    passes = None if args.passes is None else args.passes.split(",")
+    result = api.optimize(args.input, args.output, target=args.target, precision=args.precision, passes=passes,
+                          validate=not args.no_validate, data=args.data, data_dir=args.data_dir,
+                          download=args.download, samples=args.samples)
+    print(report.optimize_summary(result))
+    if not result.ok:
+        _error(f"validation failed ({result.validation.message}); output kept at {result.output_path}")
+        return EXIT_VALIDATION
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from onnxdns import api, report
+
+    stats = api.inspect(args.model)
+    print(f"{args.model}\n\n{report.layer_table(stats)}\n\n{report.totals(stats)}")
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from onnxdns import api, report
+
+    cmp = api.validate(args.model_a, args.model_b, data=args.data, data_dir=args.data_dir, download=args.download,
+                       batch=args.batch, samples=args.samples, repeats=args.repeats, threads=args.threads)
+    print(f"A = {args.model_a}\nB = {args.model_b}")
+    print(report.comparison(cmp))
+    return EXIT_OK
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from onnxdns import registry, report
+
+    print(report.passes_table(registry.pass_classes().values()))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from onnxdns import models, report
+
+    if args.list:
+        print(report.models_table(models.MODELS, models.INPUT_SHAPES))
+        return EXIT_OK
+    if not args.name:
+        raise OnnxdnsError("export needs a model NAME (see onnxdns export --list)")
+    if args.name not in models.MODELS:
+        raise OnnxdnsError(f"unknown model '{args.name}'; known models: {', '.join(models.MODELS)}")
+    if args.output is None:
+        raise OnnxdnsError("export needs -o FILE")
+    if args.output.is_dir():
+        raise OnnxdnsError(f"{args.output}: is a directory; give an output file name")
+    path = models.export_model(args.name, args.output)
+    print(f"{args.name} -> {path}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _error(message: str) -> None:
+    print(f"onnxdns: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    parser = build_parser()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise _UsageError("missing COMMAND: optimize, inspect, validate, passes or export (see onnxdns --help)")
+        return args.func(args)
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except (_UsageError, OnnxdnsError) as e:
+        _error(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `onnxdns passes | head -1`: stop quietly, like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        else:
+            first = str(e).strip().splitlines()
+            _error(f"internal error: {type(e).__name__}: {first[0] if first else ''} (rerun with --debug for the traceback)")
+        return EXIT_INTERNAL

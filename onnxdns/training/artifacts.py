@@ -1,0 +1,273 @@
+"""Training artifacts (training, eval and optimizer models plus checkpoint) for onnxruntime-training.
+
+:func:`generate` calls ``onnxruntime.training.artifacts.generate_artifacts`` and then edits the
+generated training graph:
+
+* **straight-through gradients** (Dynamic Network Surgery): for a masked weight ``W`` read
+  through ``Mul(W, T)``, onnxruntime's autodiff computes ``dL/dW = Mul(dL/d(W*T), T)``, which
+  freezes pruned weights. That ``Mul`` becomes an ``Identity`` of ``dL/d(W*T)``, so every weight,
+  pruned or not, moves with the gradient of the masked product and can be spliced back. The node
+  is found by structure (the producer chain of ``<W>_grad``, the gradient name onnxruntime itself
+  relies on to order outputs) and the edit fails loudly if the pattern is not there;
+* **L2 weight decay**: ``<W>_grad + weight_decay * W`` is fed to the gradient accumulator, which is
+  what ``torch.optim.SGD(weight_decay=...)`` does before its momentum update.
+
+The optimizer model is heavy-ball momentum SGD (:mod:`onnxdns.training.optim`). The loss defaults
+to cross-entropy over the model's single output; any ``onnxblock.Block`` can replace it (e.g. a
+loss with a sparsity penalty). Outputs listed in ``train_only_outputs`` (BatchNormalization running
+statistics to write back into the checkpoint) are exposed by the training model only and removed
+from the eval model, where BatchNormalization runs in inference mode with one output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxdns.errors import OnnxdnsError
+from onnxdns.training.optim import momentum_sgd_block
+
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+MANIFEST = "artifacts.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    """What to generate. Names are initializer / value names of the forward model."""
+
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...] = ()
+    #: parameter -> its mask: gradients pass straight through ``Mul(parameter, mask)``.
+    straight_through: dict[str, str] = dataclasses.field(default_factory=dict)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    #: Builds the loss block; called with no argument. None: cross-entropy on the model output.
+    loss: Callable[[], object] | None = None
+    #: Model values returned (after the loss) by both the training and the eval model.
+    outputs: tuple[str, ...] = ()
+    #: Model values returned (after ``outputs``) by the training model only.
+    train_only_outputs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifacts:
+    """Paths and names of generated artifacts (``load`` reads them back from the manifest)."""
+
+    directory: Path
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    inputs: tuple[str, ...]  # user inputs of the training model: data, then labels
+    outputs: tuple[str, ...]
+    train_only_outputs: tuple[str, ...]
+    momentum: float
+    weight_decay: float
+    straight_through: tuple[str, ...]
+
+    @property
+    def training_model(self) -> Path:
+        return self.directory / TRAINING_MODEL
+
+    @property
+    def eval_model(self) -> Path:
+        return self.directory / EVAL_MODEL
+
+    @property
+    def optimizer_model(self) -> Path:
+        return self.directory / OPTIMIZER_MODEL
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / CHECKPOINT
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Artifacts":
+        path = Path(directory) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise OnnxdnsError(f"{path}: cannot read training artifacts manifest: {e}") from None
+        fields = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        missing = fields - set(data)
+        if missing:
+            raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))})")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        return cls(directory=Path(directory), **values)
+
+    def save_manifest(self) -> None:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "directory"}
+        (self.directory / MANIFEST).write_text(json.dumps(data, indent=1))
+
+
+def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: ArtifactSpec) -> Artifacts:
+    """Generate the four artifacts of ``model`` into ``directory`` (created if needed)."""
+    from onnxruntime.training import artifacts as ort_artifacts  # imports torch: keep it lazy
+    from onnxruntime.training import onnxblock
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(model.graph.output) != 1:
+        raise OnnxdnsError(f"training needs a model with one output (the logits), this one has {len(model.graph.output)}")
+    missing = [n for n in (*spec.trainable, *spec.frozen) if n not in {i.name for i in model.graph.initializer}]
+    if missing:
+        raise OnnxdnsError(f"training: parameter(s) not in the model: {', '.join(missing[:5])}")
+    if not spec.trainable:
+        raise OnnxdnsError("training: the model has no trainable parameters (Conv/Gemm/MatMul weights)")
+    loss = spec.loss() if spec.loss is not None else onnxblock.loss.CrossEntropyLoss()
+    extra = [*spec.outputs, *spec.train_only_outputs]
+    with _native_stderr_to_file() as log:
+        try:
+            ort_artifacts.generate_artifacts(
+                model,
+                requires_grad=list(spec.trainable),
+                frozen_params=list(spec.frozen),
+                loss=loss,
+                optimizer=momentum_sgd_block(spec.momentum),
+                artifact_directory=out,
+                additional_output_names=extra or None,
+            )
+        except Exception as e:  # onnxruntime raises RuntimeError / Fail / InvalidGraph ...
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else log.tail()
+            raise OnnxdnsError(f"cannot build the training graph: {detail}") from None
+
+    training = onnx.load(str(out / TRAINING_MODEL))
+    for param, mask in spec.straight_through.items():
+        make_straight_through(training, param, mask)
+    if spec.weight_decay:
+        add_weight_decay(training, spec.trainable, spec.weight_decay)
+    onnx.save(training, str(out / TRAINING_MODEL))
+    if spec.train_only_outputs:
+        evaluation = onnx.load(str(out / EVAL_MODEL))
+        drop_outputs(evaluation, spec.train_only_outputs)
+        onnx.save(evaluation, str(out / EVAL_MODEL))
+
+    user_inputs = tuple(i.name for i in training.graph.input
+                        if i.name not in set(spec.trainable) | set(spec.frozen) and not _is_training_input(i.name))
+    result = Artifacts(
+        directory=out, trainable=tuple(spec.trainable), frozen=tuple(spec.frozen), inputs=user_inputs,
+        outputs=tuple(spec.outputs), train_only_outputs=tuple(spec.train_only_outputs),
+        momentum=float(spec.momentum), weight_decay=float(spec.weight_decay),
+        straight_through=tuple(spec.straight_through),
+    )
+    result.save_manifest()
+    return result
+
+
+def _is_training_input(name: str) -> bool:
+    return name == "lazy_reset_grad" or name.endswith("_grad.accumulation.buffer")
+
+
+# --------------------------------------------------------------------------- graph edits
+
+
+def make_straight_through(training: onnx.ModelProto, param: str, mask: str) -> None:
+    """Replace ``Mul(d(W*T), T)`` producing ``<param>_grad`` by ``Identity(d(W*T))`` (in place).
+
+    Raises :class:`OnnxdnsError` when the training graph does not have that structure.
+    """
+    graph = training.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    graph_inputs = {i.name for i in graph.input}
+    if mask not in graph_inputs:
+        raise OnnxdnsError(f"straight-through gradient for {param}: mask {mask} is not a frozen input of the training graph")
+    if not any(n.op_type == "Mul" and list(n.input) == [param, mask] for n in graph.node):
+        raise OnnxdnsError(f"straight-through gradient for {param}: the forward graph has no Mul({param}, {mask})")
+    name = f"{param}_grad"
+    node = producers.get(name)
+    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Mul" or len(node.input) != 2 or mask not in node.input:
+        found = "nothing" if node is None else f"{node.op_type}({', '.join(node.input)})"
+        raise OnnxdnsError(
+            f"straight-through gradient for {param}: expected {name} to come from Mul(<grad of masked {param}>, {mask}), "
+            f"found {found}; onnxruntime's gradient graph changed shape"
+        )
+    other = node.input[1] if node.input[0] == mask else node.input[0]
+    if other in (param, mask) or other in graph_inputs:
+        raise OnnxdnsError(f"straight-through gradient for {param}: the gradient Mul reads {other}, not a gradient")
+    node.op_type = "Identity"
+    node.domain = ""
+    del node.input[:]
+    node.input.append(other)
+    del node.attribute[:]
+
+
+def add_weight_decay(training: onnx.ModelProto, params: tuple[str, ...] | list[str], weight_decay: float) -> None:
+    """Feed ``<p>_grad + weight_decay * p`` to each parameter's gradient accumulator (in place)."""
+    graph = training.graph
+    coeff = "onnxdns.weight_decay"
+    graph.initializer.append(numpy_helper.from_array(np.array(weight_decay, dtype=np.float32), coeff))
+    nodes = list(graph.node)
+    for param in params:
+        grad = f"{param}_grad"
+        index = next((i for i, n in enumerate(nodes) if n.op_type == "InPlaceAccumulatorV2"
+                      and len(n.input) > 1 and n.input[1] == grad), None)
+        if index is None:
+            raise OnnxdnsError(f"weight decay: no gradient accumulator reads {grad} in the training graph")
+        decay, total = f"{param}_grad.decay", f"{param}_grad.with_decay"
+        new = [helper.make_node("Mul", [param, coeff], [decay], name=f"{param}_WeightDecayMul"),
+               helper.make_node("Add", [grad, decay], [total], name=f"{param}_WeightDecayAdd")]
+        nodes[index].input[1] = total
+        nodes[index:index] = new
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def drop_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+    """Remove graph outputs ``names`` and trailing node outputs nothing reads any more."""
+    graph = model.graph
+    kept = [o for o in graph.output if o.name not in set(names)]
+    del graph.output[:]
+    graph.output.extend(kept)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        outputs = list(node.output)
+        while len(outputs) > 1 and outputs[-1] not in used:
+            outputs.pop()
+        if len(outputs) != len(node.output):
+            del node.output[:]
+            node.output.extend(outputs)
+
+
+# --------------------------------------------------------------------------- native logging
+
+
+class _Log:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def tail(self) -> str:
+        try:
+            lines = [ln for ln in Path(self.path).read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "unknown error"
+        errors = [ln for ln in lines if "[E:" in ln or "rror" in ln]
+        return (errors or lines or ["unknown error"])[-1].strip()
+
+
+@contextlib.contextmanager
+def _native_stderr_to_file() -> Iterator[_Log]:
+    """Send file descriptor 2 to a temporary file: onnxruntime's graph builders log every graph
+    transformer at INFO level from C++, ignoring the Python logging settings."""
+    fd, path = tempfile.mkstemp(prefix="onnxdns-ort-", suffix=".log")
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield _Log(path)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)

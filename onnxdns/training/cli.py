@@ -1,0 +1,98 @@
+"""``onnxdns train``: arguments and command (wired into :mod:`onnxdns.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from onnxdns.training.config import DATASETS, METHODS, SCHEDULES, TrainConfig
+
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
+_DEFAULTS = TrainConfig()
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    return f" (default: {value})" if value is not None else ""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` options to ``parser``. Options left out keep their defaults, or on
+    ``--resume`` the values stored in the checkpoint."""
+    parser.add_argument("input", type=Path, nargs="?", metavar="IN.onnx",
+                        help="model to train (a classifier with one image input and one [batch, classes] output)")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT.onnx",
+                        help="trained model (masks kept as Mul(W, mask) for 'onnxdns optimize')")
+    parser.add_argument("--method", choices=METHODS, help=f"pruning method{_default('method')}")
+    parser.add_argument("--data", choices=DATASETS, help=f"training and test data{_default('data')}")
+    parser.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="training length in epochs (default: 10)")
+    budget.add_argument("--iterations", type=int, help="training length in optimizer steps")
+    parser.add_argument("--batch-size", type=int, help=f"{_default('batch_size')[2:-1]}")
+    parser.add_argument("--lr", type=float, help=f"learning rate{_default('lr')}")
+    parser.add_argument("--momentum", type=float, help=f"SGD momentum{_default('momentum')}")
+    parser.add_argument("--weight-decay", type=float, help=f"L2 weight decay{_default('weight_decay')}")
+    parser.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule{_default('schedule')}")
+    parser.add_argument("--lr-gamma", type=float, help="step: factor per step (0.1); inv: gamma (1e-4)")
+    parser.add_argument("--lr-step", type=int, help="step schedule: steps between decays (default: a third of the run)")
+    parser.add_argument("--seed", type=int, help=f"data order and surgery randomness{_default('seed')}")
+    parser.add_argument("--subset", type=int, help="train on this many examples drawn from the training split")
+    parser.add_argument("--test-subset", type=int, help="evaluate on this many examples of the test split")
+    parser.add_argument("--prune-biases", action=argparse.BooleanOptionalAction, default=None,
+                        help="mask biases too (default: yes for dns, as the reference; no for magnitude)")
+    dns = parser.add_argument_group("dns", "Dynamic Network Surgery")
+    dns.add_argument("--dns-c", metavar="SPEC",
+                     help="sensitivity c per layer: 'conv=3,fc=4,fc1=2.5' (a layer name beats its kind; default conv=3,fc=4)")
+    dns.add_argument("--dns-gamma", type=float, help=f"surgery probability (1+gamma*t)^-power{_default('dns_gamma')}")
+    dns.add_argument("--dns-power", type=float, help=f"{_default('dns_power')[2:-1]}")
+    dns.add_argument("--dns-iter-stop", type=int, help="no surgery after this many steps of a phase (default: phase end)")
+    dns.add_argument("--dns-phases", metavar="SPEC",
+                     help="pruning phases, e.g. 'conv:0.4,fc:0.4' (fractions) or 'conv:6000,fc:6000' (steps), "
+                          "'all:0.8' prunes both kinds at once; the rest fine-tunes with frozen masks")
+    mag = parser.add_argument_group("magnitude", "magnitude pruning (Han et al. 2015)")
+    mag.add_argument("--sparsity", metavar="SPEC", help="final sparsity per layer, e.g. 'conv=0.6,fc=0.9' (the default)")
+    mag.add_argument("--quality", type=float, help="prune |w| < quality x std of the layer instead of a sparsity")
+    mag.add_argument("--rounds", type=int, help=f"prune-retrain rounds{_default('rounds')}")
+    run = parser.add_argument_group("run")
+    run.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                     help="artifacts and checkpoints (default: OUT.ckpt beside the output)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+    run.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``onnxdns train``; returns the exit status (130 when interrupted after saving)."""
+    from onnxdns.errors import OnnxdnsError
+    from onnxdns.training.api import train
+
+    if args.resume is None and (args.input is None or args.output is None):
+        raise OnnxdnsError("train needs IN.onnx and -o OUT.onnx (or --resume DIR)")
+    options = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    result = train(args.input, args.output, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                   progress=not args.no_progress, threads=args.threads, data_dir=args.data_dir, **options)
+    print(format_result(result))
+    if result.interrupted:
+        print(f"continue with: onnxdns train --resume {result.checkpoint_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def format_result(result) -> str:
+    """Per-epoch table, final per-layer density and what the method did (of a ``TrainResult``)."""
+    lines = [f"{'epoch':>5} {'step':>7} {'lr':>9} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
+             f"{'test acc':>8} {'density':>8}"]
+    for r in result.history:
+        lines.append(f"{r.epoch:>5} {r.step:>7} {r.lr:>9.3g} {r.train_loss:>10.4f} {r.train_accuracy:>9.2%} "
+                     f"{r.test_loss:>9.4f} {r.test_accuracy:>8.2%} {r.total_density:>8.2%}")
+    if result.density:
+        lines.append("density: " + ", ".join(f"{name} {d:.2%}" for name, d in result.density.items()))
+    summary = result.method_summary
+    if "spliced" in summary:
+        lines.append(f"surgery: {summary['pruned']} prunings, {summary['spliced']} splicings")
+    if result.output is not None:
+        lines.append(f"{result.method}: {result.steps} steps in {result.seconds:.1f} s -> {result.output}")
+    return "\n".join(lines)

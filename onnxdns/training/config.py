@@ -1,0 +1,43 @@
+"""The options of a training run (light module: no onnxruntime-training or torch import)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("dns", "magnitude", "none")
+DATASETS = ("mnist", "fashion-mnist")
+SCHEDULES = ("constant", "step", "cosine", "inv")
+DEFAULT_EPOCHS = 10.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that determines a run's trajectory (saved in ``run.json``; fixed on resume).
+
+    Runtime options (output path, checkpoint folder, progress bar, threads, data folder) are
+    arguments of :func:`onnxdns.training.train` instead and may change on resume.
+    """
+
+    data: str = "mnist"
+    method: str = "dns"
+    epochs: float | None = None  # default 10 when iterations is not given either
+    iterations: int | None = None
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    lr_gamma: float | None = None
+    lr_step: int | None = None
+    seed: int = 0
+    subset: int | None = None
+    test_subset: int | None = None
+    prune_biases: bool | None = None  # None: True for dns (as the reference), False otherwise
+    dns_c: str | dict[str, float] | None = None
+    dns_gamma: float = 1e-4
+    dns_power: float = 1.0
+    dns_iter_stop: int | None = None
+    dns_phases: str | None = None
+    sparsity: str | dict[str, float] | None = None
+    quality: float | None = None
+    rounds: int = 3

@@ -1,0 +1,381 @@
+"""The training loop shared by every method: data order, steps, hooks, evaluation, checkpoints.
+
+A method (DNS, magnitude pruning, later Network Slimming) plugs in as :class:`Hook` objects that
+run before and after each optimizer step and whose state is saved in every checkpoint. The loop
+itself knows nothing about pruning beyond displaying mask densities.
+
+Everything that decides the trajectory is a function of the global step or saved with it, so a run
+resumed from a checkpoint continues bit for bit: the data order of epoch ``e`` is a permutation drawn
+from ``numpy.random.default_rng([seed, e])``, the learning rate is ``schedule(step)``, the
+parameters, masks and momentum are in the onnxruntime checkpoint, and hooks save their own state
+(random generators included).
+
+Ctrl-C (SIGINT) is deferred to the end of the current step: the loop then saves a checkpoint,
+reports where, and returns with ``interrupted=True``. A second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from onnxdns.errors import OnnxdnsError
+from onnxdns.training.optim import LRSchedule
+from onnxdns.training.params import MaskedLayer, layer_density
+from onnxdns.training.session import TrainingSession
+
+STATE_DIR = "state"
+ORT_CHECKPOINT = "ort_checkpoint"
+TRAINER_STATE = "trainer.json"
+
+
+class Masks:
+    """Numpy copies of the masks in the session state, kept in sync by :meth:`set`."""
+
+    def __init__(self, session: TrainingSession, layers: Sequence[MaskedLayer]) -> None:
+        self.session = session
+        self.layers = list(layers)
+        self.arrays = {m: session.get(m) for layer in self.layers for _, m in layer.params}
+
+    def set(self, name: str, mask: np.ndarray) -> None:
+        self.arrays[name] = mask
+        self.session.set(name, mask)
+
+    def density(self) -> dict[str, float]:
+        return {layer.name: layer_density(self.arrays, layer) for layer in self.layers}
+
+    def total_density(self) -> float:
+        kept = sum(int(np.count_nonzero(a)) for a in self.arrays.values())
+        total = sum(int(a.size) for a in self.arrays.values())
+        return kept / total if total else 1.0
+
+
+class Hook:
+    """Runs around every optimizer step. Subclasses override what they need."""
+
+    def bind(self, trainer: "Trainer") -> None:
+        """Called once before the first step (after any checkpoint state was loaded)."""
+        self.trainer = trainer
+
+    def before_step(self, step: int) -> None:
+        """Before the forward pass of global step ``step`` (0-based)."""
+
+    def after_step(self, step: int, outputs: list[np.ndarray]) -> None:
+        """After the update of step ``step``; ``outputs`` are the training model's outputs."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def summary(self) -> dict[str, Any]:
+        """Counters for the training result (e.g. weights pruned / spliced)."""
+        return {}
+
+
+@dataclasses.dataclass
+class EpochRecord:
+    """Metrics at the end of one epoch (or of the last, partial one)."""
+
+    epoch: int
+    step: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    density: dict[str, float]
+    total_density: float
+    seconds: float
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Arrays the loop iterates: inputs already shaped for the model, int64 labels."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass
+class LoopOutcome:
+    step: int
+    history: list[EpochRecord]
+    interrupted: bool
+    checkpoint: Path | None
+
+
+class Trainer:
+    """Runs ``total_steps`` optimizer steps of ``session`` over ``train`` (see the module doc)."""
+
+    def __init__(
+        self,
+        session: TrainingSession,
+        train: Dataset,
+        test: Dataset,
+        *,
+        batch_size: int,
+        total_steps: int,
+        schedule: LRSchedule,
+        layers: Sequence[MaskedLayer] = (),
+        hooks: Sequence[Hook] = (),
+        writeback: dict[str, str] | None = None,
+        seed: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        eval_batch_size: int = 1000,
+        progress: bool = True,
+    ) -> None:
+        if batch_size < 1 or len(train) < batch_size:
+            raise OnnxdnsError(f"batch size {batch_size} needs at least that many training samples (have {len(train)})")
+        self.session = session
+        self.train_data, self.test_data = train, test
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(train) // batch_size  # the last partial batch is dropped
+        self.total_steps = total_steps
+        self.schedule = schedule
+        self.masks = Masks(session, layers)
+        self.hooks = list(hooks)
+        self.writeback = dict(writeback or {})
+        self.seed = seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.eval_batch_size = eval_batch_size
+        self.progress = progress
+        self.step = 0
+        self.history: list[EpochRecord] = []
+        self._epoch_stats = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
+        n_out = len(session.artifacts.outputs)
+        self._logits_index = 1 if n_out else None
+        self._writeback_index = {name: 1 + n_out + i for i, name in enumerate(session.artifacts.train_only_outputs)}
+        missing = set(self.writeback) - set(self._writeback_index)
+        if missing:
+            raise OnnxdnsError(f"write-back output(s) not produced by the training model: {', '.join(sorted(missing))}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        """Restore loop and hook state saved by :meth:`save_checkpoint` (the session must have been
+        opened on the same directory's onnxruntime checkpoint, see :func:`checkpoint_paths`)."""
+        _, trainer_json = checkpoint_paths(directory)
+        data = json.loads(trainer_json.read_text())
+        self.step = int(data["step"])
+        self.history = [EpochRecord(**r) for r in data["history"]]
+        self._epoch_stats = dict(data["epoch_stats"])
+        hook_states = data.get("hooks", [])
+        if len(hook_states) != len(self.hooks):
+            raise OnnxdnsError(f"{directory}: checkpoint has state for {len(hook_states)} hooks, this run has {len(self.hooks)}")
+        for hook, state in zip(self.hooks, hook_states):
+            hook.load_state_dict(state)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``<checkpoint_dir>/state`` atomically (a temporary folder renamed into place)."""
+        if self.checkpoint_dir is None:
+            return None
+        final = self.checkpoint_dir / STATE_DIR
+        tmp = self.checkpoint_dir / f"{STATE_DIR}.tmp"
+        old = self.checkpoint_dir / f"{STATE_DIR}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.session.save(tmp / ORT_CHECKPOINT)
+        data = {
+            "step": self.step,
+            "history": [dataclasses.asdict(r) for r in self.history],
+            "epoch_stats": self._epoch_stats,
+            "hooks": [h.state_dict() for h in self.hooks],
+        }
+        (tmp / TRAINER_STATE).write_text(json.dumps(data, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> LoopOutcome:
+        for hook in self.hooks:
+            hook.bind(self)
+        interrupted = False
+        saved: Path | None = None
+        saved_step = -1
+        bar = _progress_bar(self.total_steps, self.step, self.progress)
+        order: np.ndarray | None = None
+        order_epoch = -1
+        tick = time.perf_counter()
+        try:
+            with _deferred_interrupt() as interrupt:
+                while self.step < self.total_steps:
+                    epoch, index = divmod(self.step, self.steps_per_epoch)
+                    if epoch != order_epoch:
+                        order, order_epoch = self.epoch_order(epoch), epoch
+                    self._train_step(order[index * self.batch_size:(index + 1) * self.batch_size])
+                    bar.update(1)
+                    if self.step % 20 == 0:
+                        bar.set_postfix_str(self._postfix(), refresh=False)
+                    if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                        self._epoch_stats["seconds"] += time.perf_counter() - tick
+                        self._end_epoch(epoch)
+                        tick = time.perf_counter()
+                        bar.set_postfix_str(self._postfix(), refresh=True)
+                        saved, saved_step = self.save_checkpoint(), self.step
+                    if interrupt.requested:
+                        if saved_step != self.step:
+                            self._epoch_stats["seconds"] += time.perf_counter() - tick
+                            saved, saved_step = self.save_checkpoint(), self.step
+                        interrupted = True
+                        where = f"checkpoint saved in {self.checkpoint_dir}" if saved else "no checkpoint folder: nothing saved"
+                        print(f"interrupted after step {self.step} of {self.total_steps}; {where}", file=sys.stderr, flush=True)
+                        break
+        finally:
+            bar.close()
+        return LoopOutcome(step=self.step, history=self.history, interrupted=interrupted, checkpoint=saved)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch``: a pure function of (seed, epoch)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_data))
+
+    def _train_step(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Hooks, one optimizer step on ``rows`` of the training set, write-back, statistics."""
+        step = self.step
+        for hook in self.hooks:
+            hook.before_step(step)
+        x = self.train_data.inputs[rows]
+        y = self.train_data.labels[rows]
+        outputs = self.session.train_step(x, y, self.schedule(step))
+        for name, param in self.writeback.items():
+            self.session.set(param, outputs[self._writeback_index[name]])
+        self.step = step + 1
+        stats = self._epoch_stats
+        stats["loss"] += float(outputs[0]) * len(rows)
+        stats["count"] += len(rows)
+        if self._logits_index is not None:
+            stats["correct"] += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == y))
+        for hook in self.hooks:
+            hook.after_step(step, outputs)
+        return outputs
+
+    def evaluate(self) -> tuple[float, float]:
+        """(mean loss, accuracy) of the eval model on the test set."""
+        data = self.test_data
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(data), self.eval_batch_size):
+            x = data.inputs[start:start + self.eval_batch_size]
+            y = data.labels[start:start + self.eval_batch_size]
+            outputs = self.session.eval_step(x, y)
+            loss_sum += float(outputs[0]) * len(y)
+            if self._logits_index is not None:
+                correct += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == y))
+        n = max(1, len(data))
+        return loss_sum / n, correct / n
+
+    def _end_epoch(self, epoch: int) -> None:
+        stats = self._epoch_stats
+        test_loss, test_acc = self.evaluate()
+        count = max(1, stats["count"])
+        self.history.append(EpochRecord(
+            epoch=epoch + 1, step=self.step, lr=self.schedule(self.step - 1),
+            train_loss=stats["loss"] / count, train_accuracy=stats["correct"] / count,
+            test_loss=test_loss, test_accuracy=test_acc,
+            density=self.masks.density(), total_density=self.masks.total_density(),
+            seconds=stats["seconds"],
+        ))
+        self._epoch_stats = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
+
+    def _postfix(self) -> str:
+        parts = []
+        stats = self._epoch_stats
+        if stats["count"]:
+            loss, train_acc = stats["loss"] / stats["count"], stats["correct"] / stats["count"]
+        elif self.history:
+            loss, train_acc = self.history[-1].train_loss, self.history[-1].train_accuracy
+        if stats["count"] or self.history:
+            parts.append(f"loss {loss:.3f}")
+            if self._logits_index is not None:
+                parts.append(f"train {train_acc:.1%}")
+        if self.history:
+            parts.append(f"test {self.history[-1].test_accuracy:.2%}")
+        parts.append(f"lr {self.schedule(max(0, self.step - 1)):.3g}")
+        if self.masks.layers:
+            dens = " ".join(f"{_short(name)}:{d:.3f}".replace("0.", ".", 1) for name, d in self.masks.density().items())
+            parts.append(f"dens {dens}")
+        return " | ".join(parts)
+
+
+def checkpoint_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """(onnxruntime checkpoint, trainer state) saved under ``directory`` by :meth:`Trainer.save_checkpoint`.
+
+    Falls back to the previous checkpoint if a save was cut between its two renames.
+    """
+    base = Path(directory)
+    for name in (STATE_DIR, f"{STATE_DIR}.old"):
+        ort_ckpt, trainer_json = base / name / ORT_CHECKPOINT, base / name / TRAINER_STATE
+        if ort_ckpt.exists() and trainer_json.exists():
+            return ort_ckpt, trainer_json
+    raise OnnxdnsError(f"{base}: no training checkpoint in this folder (expected {STATE_DIR}/{TRAINER_STATE})")
+
+
+def _short(name: str) -> str:
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] if len(name) > 10 else name
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.05, mininterval=0.5)
+
+
+class _Interrupt:
+    requested = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[_Interrupt]:
+    """Turn the first SIGINT into a flag checked between steps; a second one raises at once."""
+    flag = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def steps_for(epochs: float | None, iterations: int | None, steps_per_epoch: int) -> int:
+    """Total optimizer steps from ``epochs`` or ``iterations`` (exactly one may be given)."""
+    if epochs is not None and iterations is not None:
+        raise OnnxdnsError("give epochs or iterations, not both")
+    if iterations is not None:
+        if iterations < 1:
+            raise OnnxdnsError(f"iterations must be positive, got {iterations}")
+        return int(iterations)
+    if epochs is None or epochs <= 0:
+        raise OnnxdnsError(f"epochs must be positive, got {epochs}")
+    return max(1, math.ceil(epochs * steps_per_epoch))

@@ -1,0 +1,111 @@
+"""Training methods: what each one changes in the model, the training graph and the loop.
+
+A method answers three questions; the shared machinery (artifacts, loop, checkpoints) does the rest:
+
+* :meth:`Method.prepare`: the forward model to train (e.g. with masks added);
+* :meth:`Method.artifact_options`: straight-through masks and the loss block (default
+  cross-entropy);
+* :meth:`Method.hooks`: what runs around each optimizer step.
+
+A new method (Network Slimming: an L1 penalty on BatchNorm scales in the loss, BatchNorm in training
+mode with running statistics written back by the loop) is one more subclass in :data:`METHOD_CLASSES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import onnx
+
+from onnxdns.errors import OnnxdnsError
+from onnxdns.passes.add_masks import AddMasksPass
+from onnxdns.training.config import TrainConfig
+from onnxdns.training.dns import DEFAULT_C, DNSPruner, LayerSettings, parse_layer_values, parse_phases
+from onnxdns.training.loop import Hook
+from onnxdns.training.magnitude import DEFAULT_SPARSITY, MagnitudePruner
+from onnxdns.training.params import ParameterSet
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactOptions:
+    """A method's contribution to :class:`onnxdns.training.artifacts.ArtifactSpec`."""
+
+    straight_through: dict[str, str] = dataclasses.field(default_factory=dict)
+    loss: Callable[[], Any] | None = None
+
+
+class Method:
+    """Base: plain training, masks (if the model has any) frozen."""
+
+    name: ClassVar[str] = ""
+    needs_masks: ClassVar[bool] = False
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return model
+
+    def artifact_options(self, params: ParameterSet) -> ArtifactOptions:
+        return ArtifactOptions()
+
+    def hooks(self, params: ParameterSet, total_steps: int) -> list[Hook]:
+        return []
+
+
+class Dense(Method):
+    """``none``: dense training or fine-tuning; no masks are added."""
+
+    name = "none"
+
+
+class _Pruning(Method):
+    needs_masks = True
+    prune_biases_default: ClassVar[bool] = False
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        biases = self.config.prune_biases if self.config.prune_biases is not None else self.prune_biases_default
+        return AddMasksPass(biases=biases).apply(model).model
+
+
+class DNS(_Pruning):
+    """``dns``: Dynamic Network Surgery; biases pruned too by default, as in the reference."""
+
+    name = "dns"
+    prune_biases_default = True
+
+    def artifact_options(self, params: ParameterSet) -> ArtifactOptions:
+        return ArtifactOptions(straight_through={p: m for layer in params.layers for p, m in layer.params})
+
+    def hooks(self, params: ParameterSet, total_steps: int) -> list[Hook]:
+        cfg, layers = self.config, params.layers
+        c = parse_layer_values(cfg.dns_c, DEFAULT_C, layers, "DNS c")
+        settings = {layer.name: LayerSettings(c=c[layer.name], gamma=cfg.dns_gamma, power=cfg.dns_power,
+                                              iter_stop=cfg.dns_iter_stop) for layer in layers}
+        phases = parse_phases(cfg.dns_phases, total_steps, {layer.kind for layer in layers})
+        return [DNSPruner(layers, settings, phases, seed=cfg.seed)]
+
+
+class Magnitude(_Pruning):
+    """``magnitude``: Han et al.'s prune-retrain rounds; masked gradients, no splicing."""
+
+    name = "magnitude"
+
+    def hooks(self, params: ParameterSet, total_steps: int) -> list[Hook]:
+        cfg = self.config
+        if cfg.quality is not None and cfg.sparsity is not None:
+            raise OnnxdnsError("magnitude pruning: give a sparsity or a quality parameter, not both")
+        sparsity = None
+        if cfg.quality is None:
+            sparsity = parse_layer_values(cfg.sparsity, DEFAULT_SPARSITY, params.layers, "sparsity")
+        return [MagnitudePruner(params.layers, total_steps, rounds=cfg.rounds, sparsity=sparsity, quality=cfg.quality)]
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (DNS, Magnitude, Dense)}
+
+
+def get_method(config: TrainConfig) -> Method:
+    if config.method not in METHOD_CLASSES:
+        raise OnnxdnsError(f"unknown method '{config.method}'; choose one of: {', '.join(METHOD_CLASSES)}")
+    return METHOD_CLASSES[config.method](config)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything onnxdns needs on a fresh Debian machine: the Fashion-MNIST package (when
+# root can install it) and a Python 3.11 virtual environment in .venv with onnxdns installed.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "==> installing Debian package dataset-fashion-mnist"
+  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "onnxdns needs Python 3.11 (onnxruntime-training 1.19.2 wheels)"; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $python"
+  "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, pytest' >/dev/null 2>&1; then
+  echo "==> installing onnxdns and its pinned stack into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+fi
+export PATH="$root/.venv/bin:$PATH"

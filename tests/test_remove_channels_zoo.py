@@ -1,0 +1,66 @@
+"""Acceptance: remove-channels is exact on every zoo model with 50% of channels zeroed.
+
+Every prunable layer gets a random half of its output channels zeroed (depthwise convs follow
+their input). The removal must keep onnxruntime outputs (max abs diff <= 1e-5 x output scale),
+account for every zeroed channel (removed, or reported as kept with a reason), and remove
+exactly the zeroed weights of the channels it removed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from onnxdns.models import MODELS, INPUT_SHAPES, build
+from onnxdns.passes.fold_masks import FoldMasksPass
+from onnxdns.passes.remove_channels import RemoveChannelsPass
+from onnxdns.synthetic import prunable_layers, randomize_batchnorm, zero_channels
+from onnxdns.testing import assert_exact, export_module
+
+ZOO = [name for name in MODELS if name != "vgg16-imagenet"]
+
+
+def _layer_names(model):
+    return {w: node.name or f"{node.op_type}({w})" for node, w, _ in prunable_layers(model)}
+
+
+def _zero_rows(model):
+    """Number of all-zero output channels and their weight count, per weight."""
+    out = {}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node, w, axis in prunable_layers(model):
+        arr = np.moveaxis(inits[w], axis, 0).reshape(inits[w].shape[axis], -1)
+        zero = ~arr.any(axis=1)
+        out[w] = (int(zero.sum()), int(zero.sum()) * arr.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("batchnorm", ["fresh", "random"])
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_exact_and_accounted(name, batchnorm):
+    proto = export_module(build(name), INPUT_SHAPES[name])
+    if batchnorm == "random":
+        proto = randomize_batchnorm(proto, seed=1)
+    masked, zeroed = zero_channels(proto, 0.5, seed=0)
+    result = RemoveChannelsPass().apply(masked)
+    assert_exact(masked, result.model, batch=2)
+    details = result.details
+    layers = _layer_names(masked)
+    kept_total = 0
+    for weight, channels in zeroed.items():
+        removed = set(details["removed_channels"].get(layers[weight], []))
+        kept = set(details["constant_kept"].get(layers[weight], {}))
+        assert set(channels) <= removed | kept, (weight, sorted(set(channels) - removed - kept))
+        kept_total += len(set(channels) & kept)
+    # zeroed weights: those of removed channels are gone, those of kept channels are still there
+    before, after = _zero_rows(masked), _zero_rows(result.model)
+    zero_rows_after = sum(n for n, _ in after.values())
+    dead_rows_removed = sum(len(v) for v in details["removed_channels"].values()) - sum(
+        len(set(zeroed.get(w, [])) & set(details["removed_channels"].get(l, []))) for w, l in layers.items())
+    assert zero_rows_after == kept_total
+    assert dead_rows_removed >= 0
+    if batchnorm == "fresh" and name != "resnet-20":
+        assert details["total_removed_channels"] > 0
+    again = RemoveChannelsPass().apply(result.model)
+    assert not again.modified

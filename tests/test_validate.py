@@ -1,0 +1,143 @@
+"""compare() and measure_latency() on tiny classifiers run in onnxruntime."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxdns import runtime
+from onnxdns.errors import OnnxdnsError
+from onnxdns.validate import compare, measure_latency
+
+FAST = dict(repeats=3, warmup=1)
+
+
+def classifier(weight: np.ndarray, in_shape=("N", 1, 28, 28), batch_dim=None) -> onnx.ModelProto:
+    """Flatten -> Gemm(weight^T): an image classifier with len(weight) classes."""
+    shape = list(in_shape)
+    if batch_dim is not None:
+        shape[0] = batch_dim
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["logits"], transB=1)],
+        "clf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], weight.shape[0]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def weight() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((10, 784)).astype(np.float32) * 0.05
+
+
+def test_identical_models(weight):
+    m = classifier(weight)
+    cmp = compare(m, m, samples=64, batch=16, latency_batches=(1, 8), **FAST)
+    assert cmp.max_abs_diff == 0.0 and cmp.mean_abs_diff == 0.0 and cmp.max_rel_diff == 0.0
+    assert cmp.top1_agreement == 1.0
+    assert cmp.samples == 64 and cmp.batch == 16
+    assert cmp.accuracy_a is None and cmp.accuracy_b is None  # random data has no labels
+    assert [row.batch for row in cmp.latency] == [1, 8]
+    for row in cmp.latency:
+        assert row.a.median_ms > 0 and row.b.median_ms > 0 and row.a.repeats == 3
+        assert row.ratio > 0
+    assert cmp.within(1e-6)
+
+
+def test_random_samples_need_not_fill_the_last_batch(weight):
+    m = classifier(weight)
+    assert compare(m, m, samples=10, batch=4, latency_batches=(), **FAST).samples == 10
+
+
+def test_perturbed_model_is_detected(weight):
+    delta = np.zeros_like(weight)
+    delta[3, 100] = 0.5
+    cmp = compare(classifier(weight), classifier(weight + delta), samples=32, latency_batches=(), **FAST)
+    assert cmp.max_abs_diff > 1e-2
+    assert cmp.mean_abs_diff > 0
+    assert 0 < cmp.max_rel_diff
+    assert cmp.output_scale > 0
+    assert not cmp.within(1e-4)
+    assert cmp.latency == ()
+
+
+def test_diff_matches_numpy(weight):
+    """The reported differences are those of the outputs, computed independently here."""
+    w2 = weight * 1.01
+    a, b = classifier(weight), classifier(w2)
+    cmp = compare(a, b, samples=32, batch=32, latency_batches=(), **FAST)
+    x = runtime.input_feeds(a, batch=32, seed=0)["x"].reshape(32, -1).astype(np.float64)
+    ya, yb = x @ weight.T.astype(np.float64), x @ w2.T.astype(np.float64)
+    assert cmp.max_abs_diff == pytest.approx(np.abs(ya - yb).max(), rel=1e-4)
+    assert cmp.output_scale == pytest.approx(np.abs(ya).max(), rel=1e-4)
+
+
+def test_accuracy_with_labels(weight):
+    """Labels equal to model A's predictions on half the samples: accuracy exactly 0.5 for A."""
+    rng = np.random.default_rng(1)
+    images = rng.random((40, 1, 28, 28), dtype=np.float32)
+    predictions = np.argmax(images.reshape(40, -1) @ weight.T, axis=1)
+    labels = predictions.copy()
+    labels[::2] = (labels[::2] + 1) % 10
+    data = types.SimpleNamespace(images=images, labels=labels, name="labelled")
+    cmp = compare(classifier(weight), classifier(weight), data=data, batch=16, latency_batches=(2,), **FAST)
+    assert cmp.samples == 40 and cmp.data == "labelled"
+    assert cmp.accuracy_a == cmp.accuracy_b == 0.5
+    assert cmp.top1_agreement == 1.0
+
+
+def test_fixed_batch_model_pads_the_last_chunk(weight):
+    data = types.SimpleNamespace(images=np.random.default_rng(2).random((10, 1, 28, 28), dtype=np.float32),
+                                 labels=np.zeros(10, np.int64))
+    fixed = classifier(weight, batch_dim=4)
+    cmp = compare(fixed, classifier(weight), data=data, batch=32, latency_batches=(1, 32), **FAST)
+    assert cmp.samples == 10 and cmp.batch == 4
+    assert cmp.max_abs_diff == 0.0
+    assert [row.batch for row in cmp.latency] == [4]
+
+
+def test_mnist_test_split(weight):
+    m = classifier(weight)
+    cmp = compare(m, m, data="mnist", samples=200, latency_batches=(), **FAST)
+    assert cmp.samples == 200 and cmp.data == "mnist"
+    assert 0.0 <= cmp.accuracy_a <= 1.0 and cmp.accuracy_a == cmp.accuracy_b
+
+
+def test_input_that_does_not_match_the_data_is_a_clear_error():
+    m = classifier(np.ones((10, 3 * 32 * 32), np.float32), in_shape=("N", 3, 32, 32))
+    with pytest.raises(OnnxdnsError, match=r"\[N,1,28,28\].*\[N,3,32,32\]"):
+        compare(m, m, data="mnist", **FAST)
+    with pytest.raises(OnnxdnsError, match="unknown data"):
+        compare(m, m, data="cifar", **FAST)
+
+
+def test_models_with_different_outputs_are_rejected(weight):
+    with pytest.raises(OnnxdnsError, match="shapes differ"):
+        compare(classifier(weight), classifier(weight[:5]), samples=4, latency_batches=(), **FAST)
+
+
+def test_measure_latency_side_by_side(weight):
+    m = classifier(weight)
+    feeds = runtime.input_feeds(m, batch=2)
+    result = measure_latency({"a": m, "b": m.SerializeToString()}, feeds, repeats=4, warmup=1, threads=1)
+    assert set(result) == {"a", "b"}
+    for lat in result.values():
+        assert lat.repeats == 4 and 0 < lat.min_ms <= lat.median_ms
+    # positional feeds serve a model whose input has another name
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(m)
+    renamed.graph.input[0].name = "image"
+    renamed.graph.node[0].input[0] = "image"
+    result = measure_latency({"a": m, "renamed": renamed}, [feeds["x"]], repeats=2, warmup=0)
+    assert result["renamed"].median_ms > 0
+    with pytest.raises(OnnxdnsError):
+        measure_latency({"a": m}, feeds, repeats=0)
