@@ -70,8 +70,14 @@ def run_model(name: str, fraction: float, repeats: int, out_dir: Path, threads: 
         "bytes": {"zeroed": before.file_bytes, "optimized": after.file_bytes, "ratio": before.file_bytes / after.file_bytes},
         "nodes": {"zeroed": before.nodes, "optimized": after.nodes},
         "latency": latency,
-        "files": {"zeroed": str(zeroed_path.relative_to(RESULTS.parent.parent)), "optimized": str(optimized_path.relative_to(RESULTS.parent.parent))},
+        "files": {"zeroed": _display(zeroed_path), "optimized": _display(optimized_path)},
     }
+
+
+def _display(path: Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    root = RESULTS.parent.parent
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,15 +4,21 @@ Each measurement runs in its own process (the frameworks would otherwise compete
 with the same intra-op thread count, on real MNIST batches, with SGD (momentum 0.9, weight decay
 5e-4, cross-entropy). Variants:
 
-* ``torch``: ``torch.optim.SGD`` on the zoo's PyTorch module;
+* ``torch``: ``torch.optim.SGD`` on the zoo's PyTorch module, default OpenMP settings;
+* ``torch-passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (2 threads only). On a machine whose
+  cores are busy with other work, OpenMP's default spin-waiting makes 2-thread torch up to 60x
+  slower than 1 thread; passive waiting avoids that;
 * ``ort-dense``: onnxruntime-training step (forward, backward, momentum update) of the exported model;
 * ``ort-dns``: the same on the masked model with straight-through gradients (weights and biases
   masked), surgery disabled: the cost of the masks in the graph;
 * ``ort-dns-surgery``: the DNS training loop with surgery at *every* step (gamma = 0, the worst
-  case; with the default gamma 1e-4 it runs at about 1/(1 + 1e-4 t) of the steps).
+  case; with the default gamma 1e-4 it runs at about 1/(1 + 1e-4 t) of the steps), c = 0 (about
+  half of every layer pruned).
 
-Run: ``/work/venv/bin/python benchmarks/train_throughput.py`` (writes
-``benchmarks/results/train_throughput.json``); ``--steps`` and ``--repeats`` trade time for noise.
+Measurements are interleaved over ``--rounds`` rounds so that a change in the machine's load hits
+every variant alike; each reports the median of its timed passes, and the JSON keeps every pass
+and the load average. Run: ``/work/venv/bin/python benchmarks/train_throughput.py`` (writes
+``benchmarks/results/train_throughput.json``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 
 MODELS = ("lenet-5", "lenet-300-100")
-VARIANTS = ("torch", "ort-dense", "ort-dns", "ort-dns-surgery")
+VARIANTS = ("torch", "torch-passive", "ort-dense", "ort-dns", "ort-dns-surgery")
 BATCH = 64
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 
@@ -96,12 +102,15 @@ def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int)
 
     with tempfile.TemporaryDirectory() as tmp:
         src = export_model(model, Path(tmp) / "model.onnx")
-        config = TrainConfig(method="none" if variant == "ort-dense" else "dns", dns_gamma=0.0, dns_phases="all:1.0")
+        # gamma 0: surgery at every step; c 0: thresholds at the mean |w|, about half the weights pruned
+        config = TrainConfig(method="none" if variant == "ort-dense" else "dns", dns_gamma=0.0, dns_c="0",
+                             dns_phases="all:1.0")
         method = get_method(config)
         forward = method.prepare(modelio.load_model(src))
         params = select_parameters(forward)
         spec = artifact_spec(config, params, forward, method.artifact_options(params))
-        session = TrainingSession(artifacts.generate(forward, Path(tmp) / "artifacts", spec), threads=threads)
+        session = TrainingSession(artifacts.generate(forward, Path(tmp) / "artifacts", spec, batch_size=BATCH),
+                                  threads=threads)
         batches = _batches(steps)
         if variant != "ort-dns-surgery":
             return _time(lambda i: session.train_step(*batches[i], 0.01), steps, warmup=10, repeats=repeats)
@@ -116,42 +125,56 @@ def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int)
                      repeats=repeats)
 
 
+def _measure(model: str, variant: str, steps: int, repeats: int, threads: int) -> list[float]:
+    """Run one worker process and return its steps per second."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if variant == "torch-passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    cmd = [sys.executable, __file__, "--worker", model, variant, "--steps", str(steps),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{model} {variant} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=0, help="steps per timed pass (default: 300 LeNet-300-100, 60 LeNet-5)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="steps per timed pass (default: 200 LeNet-300-100, 40 LeNet-5)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per measurement, interleaved")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         model, variant = args.worker
-        if variant == "torch":
-            rates = worker_torch(model, args.steps, args.repeats, args.threads)
+        threads = args.threads[0]
+        if variant.startswith("torch"):
+            rates = worker_torch(model, args.steps, args.repeats, threads)
         else:
-            rates = worker_ort(model, variant, args.steps, args.repeats, args.threads)
+            rates = worker_ort(model, variant, args.steps, args.repeats, threads)
         print(json.dumps(rates))
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    jobs = [(model, variant, threads) for threads in args.threads for model in MODELS for variant in VARIANTS
+            if not (variant == "torch-passive" and threads == 1)]
+    rates: dict[tuple, list[float]] = {job: [] for job in jobs}
+    loads = [os.getloadavg()]
+    for _ in range(args.rounds):
+        for model, variant, threads in jobs:
+            steps = args.steps or (40 if model == "lenet-5" else 200)
+            rates[(model, variant, threads)] += _measure(model, variant, steps, args.repeats, threads)
+        loads.append(os.getloadavg())
     results = []
-    load_before = os.getloadavg()
-    for model in MODELS:
-        steps = args.steps or (60 if model == "lenet-5" else 300)
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--worker", model, variant, "--steps", str(steps),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if proc.returncode != 0:
-                raise SystemExit(f"{model} {variant} failed:\n{proc.stderr[-2000:]}")
-            rates = json.loads(proc.stdout.strip().splitlines()[-1])
-            row = {"model": model, "variant": variant, "batch": BATCH, "threads": args.threads,
-                   "steps_per_s_median": statistics.median(rates), "steps_per_s_best": max(rates),
-                   "steps_per_s_all": rates}
-            results.append(row)
-            print(f"{model:14} {variant:16} median {row['steps_per_s_median']:8.1f} steps/s "
-                  f"(best {row['steps_per_s_best']:.1f})", flush=True)
+    for (model, variant, threads), values in rates.items():
+        row = {"model": model, "variant": variant, "batch": BATCH, "threads": threads,
+               "steps_per_s_median": round(statistics.median(values), 1), "steps_per_s_best": round(max(values), 1),
+               "steps_per_s_all": [round(v, 1) for v in values]}
+        results.append(row)
+        print(f"{model:14} {variant:16} {threads} threads: median {row['steps_per_s_median']:8.1f} steps/s "
+              f"(best {row['steps_per_s_best']:.1f})", flush=True)
     import onnxruntime
     import torch
 
@@ -159,9 +182,10 @@ def main() -> None:
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+                    "load_average_1_5_15min_per_round": loads},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
-        "setup": "SGD momentum 0.9, weight decay 5e-4, cross-entropy, MNIST batches of 64; one process per measurement",
+        "setup": "SGD momentum 0.9, weight decay 5e-4, cross-entropy, MNIST batches of 64; one process per "
+                 "measurement; variants interleaved over rounds",
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

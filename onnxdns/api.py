@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -92,8 +92,12 @@ def optimize(
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
     samples: int | None = None,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> OptimizeResult:
     """Run the ``target`` pipeline (or the passes named in ``passes``) and save the result.
+
+    ``pass_options`` gives constructor arguments per pass, keyed by the pass name with ``_`` for
+    ``-`` (e.g. ``{"sparse_lowrank": {"calib_data": "fashion-mnist", "target_speedup": 2.5}}``).
 
     The saved model is validated against the input: exact pipelines must match within
     ``EXACT_TOLERANCE`` x max(1, output scale), fp16 ones within ``FP16_TOLERANCE`` x the same;
@@ -106,9 +110,9 @@ def optimize(
     _check_output_path(src, out)
     pipelines.check_target(target, precision)
     if passes is None:
-        pipeline = pipelines.get_pipeline(target, precision)
+        pipeline = pipelines.get_pipeline(target, precision, **(pass_options or {}))
     else:
-        pipeline = pipelines.custom_pipeline(list(passes), target)
+        pipeline = pipelines.custom_pipeline(list(passes), target, **(pass_options or {}))
         if precision == "fp16" and FP16_PASS not in passes:
             raise OnnxdnsError(f"--precision fp16 with --passes needs '{FP16_PASS}' in the pass list")
     if data not in DATA_CHOICES:

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--samples", type=_positive_int, help="number of validation samples")
+    _add_sparse_lowrank_options(p)
     p.set_defaults(func=_optimize)
 
     p = sub.add_parser("inspect", parents=[common], help="per-layer parameters, non-zeros and MACs",
@@ -107,8 +108,9 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = None if args.passes is None else args.passes.split(",")
     result = api.optimize(args.input, args.output, target=args.target, precision=args.precision, passes=passes,
                           validate=not args.no_validate, data=args.data, data_dir=args.data_dir,
-                          download=args.download, samples=args.samples)
+                          download=args.download, samples=args.samples, pass_options=_pass_options(args))
     print(report.optimize_summary(result))
+    _print_sparse_lowrank(result)
     if not result.ok:
         _error(f"validation failed ({result.validation.message}); output kept at {result.output_path}")
         return EXIT_VALIDATION
@@ -157,6 +159,59 @@ def _export(args: argparse.Namespace) -> int:
     path = models.export_model(args.name, args.output)
     print(f"{args.name} -> {path}")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- sparse-lowrank options
+
+
+def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sparse-lowrank", "options of the sparse-lowrank pass (name it in --passes)")
+    g.add_argument("--calib-data", metavar="DATA",
+                   help="calibration inputs: a dataset name (mnist, fashion-mnist) or a .npy file of model inputs")
+    g.add_argument("--calib-samples", type=_positive_int, metavar="N", help="calibration inputs to use (default 512)")
+    g.add_argument("--target-speedup", type=float, metavar="X",
+                   help="estimated onnxruntime speed-up to reach (default 2 unless --target-compression)")
+    g.add_argument("--target-compression", type=float, metavar="X",
+                   help="parameter reduction to reach (instead, or as well)")
+    g.add_argument("--finetune-epochs", type=float, metavar="E",
+                   help="fine-tune the split model with onnxruntime-training on --calib-data (a dataset name)")
+
+
+def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
+    """Constructor options of sparse-lowrank from the command line (None when none is given)."""
+    opts: dict = {}
+    if args.calib_data is not None:
+        opts["calib_data"] = _calib_data(args.calib_data)
+    for name in ("calib_samples", "target_speedup", "target_compression", "finetune_epochs"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if not opts:
+        return None
+    if args.data_dir is not None:
+        opts["data_dir"] = str(args.data_dir)
+    opts["progress"] = sys.stderr.isatty()
+    return {"sparse_lowrank": opts}
+
+
+def _calib_data(text: str):
+    if text in DATA_CHOICES[1:]:
+        return text
+    if text.endswith(".npy"):
+        import numpy as np
+
+        try:
+            return np.load(text)
+        except (OSError, ValueError) as e:
+            raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
+    raise OnnxdnsError(f"--calib-data: expected {', '.join(DATA_CHOICES[1:])} or a .npy file, got '{text}'")
+
+
+def _print_sparse_lowrank(result) -> None:
+    from onnxdns.lowrank.report import layer_table
+
+    for run in result.passes:
+        if run.name == "sparse-lowrank" and run.details.get("layers"):
+            print(f"\nsparse-lowrank\n{layer_table(run.details)}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -142,6 +142,9 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
         onnx.save_model(model, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

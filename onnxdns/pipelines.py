@@ -3,9 +3,14 @@
 ``cpu``: fold-masks, eliminate-identity, fold-constants, fold-batchnorm, remove-channels,
 fold-batchnorm, remove-dead-nodes, topo-sort, infer-shapes, sparse-storage.
 
-``cuda``: the same, with ``remove-channels`` rounding the kept channel counts up to multiples
-of 8 (tensor-core friendly), and with ``precision="fp16"`` a ``convert-fp16`` pass before
+``cuda``: the same, and with ``precision="fp16"`` a ``convert-fp16`` pass before
 ``sparse-storage``.
+
+Both round the channel counts ``remove-channels`` keeps up to multiples of 8: tensor-core
+friendly on CUDA, and on the CPU onnxruntime's convolutions switch to their fast blocked
+(NCHWc) kernels only at multiples of the vector width. Measured here (resnet-20 with half its
+channels zeroed, batch 32, one thread): kept counts as they fall 23.0 ms, rounded to 8
+14.3 ms, original 21.6 ms (see docs/channel_removal.md). The extra channels are zero ones.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ CPU_PASSES = (
     "infer-shapes",
     "sparse-storage",
 )
-#: Channel-count multiple that ``remove-channels`` keeps for the cuda target.
+#: Channel-count multiple that ``remove-channels`` keeps, per target.
+ROUND_TO = {"cpu": 8, "cuda": 8}
+#: Multiple for counts other passes choose (ranks of ``sparse-lowrank``) on the cuda target.
 CUDA_ROUND_TO = 8
 
 
@@ -90,7 +97,9 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
     passes = []
     for name in names:
         kwargs: dict[str, Any] = {}
-        if target == "cuda" and name == "remove-channels":
+        if name == "remove-channels":
+            kwargs["round_to"] = ROUND_TO[target]
+        elif target == "cuda" and name == "sparse-lowrank":
             kwargs["round_to"] = CUDA_ROUND_TO
         kwargs.update(options.get(name.replace("-", "_"), {}))
         try:

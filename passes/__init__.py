@@ -18,11 +18,13 @@ from .add_masks import AddMasksPass
 from .fold_masks import FoldMasksPass
 from .remove_channels import RemoveChannelsPass
 from .slim_channels import SlimChannelsPass
+from .sparse_lowrank import SparseLowRankPass
 
 PASSES: tuple[type, ...] = (
     FoldMasksPass,
     RemoveChannelsPass,
     SlimChannelsPass,
+    SparseLowRankPass,
     AddMasksPass,
     FoldBatchNormPass,
     EliminateIdentityPass,

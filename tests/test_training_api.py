@@ -149,3 +149,19 @@ def test_method_registry_matches_cli_choices():
     from onnxdns.training.methods import METHOD_CLASSES
 
     assert tuple(METHOD_CLASSES) == METHODS
+
+
+def test_average_pool_model_trains(tmp_path):
+    """onnxruntime 1.19's AveragePoolGrad crashes the process on a symbolic batch dimension: the
+    training graph is built for the fixed training batch size, the eval model stays dynamic."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 13 * 13, 10))
+    src = export_model(net, tmp_path / "avgpool.onnx", input_shape=(1, 28, 28))
+    r = api.train(src, tmp_path / "out.onnx", method="dns", iterations=4, subset=256, test_subset=100, batch_size=32,
+                  dns_c="0", threads=1, progress=False)
+    assert r.steps == 4 and r.history[-1].test_loss > 0
+    training = onnx.load(str(r.checkpoint_dir / api.ARTIFACTS_DIR / artifacts.TRAINING_MODEL))
+    assert training.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 32

@@ -79,6 +79,7 @@ def test_layer_values_precedence():
     assert values == {"conv1": 3.0, "fc1": 4.0, "fc2": 2.5}
     assert parse_layer_values("1.5", {"conv": 3.0, "fc": 4.0}, LAYERS, "c") == {"conv1": 1.5, "fc1": 1.5, "fc2": 1.5}
     assert parse_layer_values({"conv1": 0.5}, {"conv": 3.0, "fc": 4.0}, LAYERS, "c")["conv1"] == 0.5
+    assert parse_layer_values(2, {"conv": 3.0, "fc": 4.0}, LAYERS, "c") == {"conv1": 2.0, "fc1": 2.0, "fc2": 2.0}
     with pytest.raises(OnnxdnsError, match="unknown layer"):
         parse_layer_values("fc9=1", {"conv": 3.0, "fc": 4.0}, LAYERS, "c")
     with pytest.raises(OnnxdnsError, match="not a number"):

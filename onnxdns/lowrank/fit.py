@@ -129,12 +129,15 @@ def post_activation_error(factors: Factors, x: np.ndarray, z: np.ndarray, activa
 class Problem:
     """The precomputed statistics of one layer's input rows (covariance, means, group blocks).
 
-    ``ridge`` adds ``ridge * mean(diag(Sigma)) * I`` to the covariance: it keeps the problem well
-    posed when some input directions carry no variance (ReLU outputs that are always zero) and
-    pulls the solution towards the weight-space fit in those directions.
+    The linear W-step carries a proximal term ``mu ||W - W_prev||_F^2`` with
+    ``mu = ridge * mean(diag(Sigma))``: ``W_prev`` is the original weight for the first fit and
+    the previous iterate inside ADMM. It keeps the problem well posed when some input directions
+    carry no variance (ReLU outputs that are always zero: those columns stay as in the original
+    weight) and, unlike a plain ridge, it vanishes at a fixed point, so ADMM does not drift.
+    ``sigma`` below is the covariance plus ``mu I``, the metric of the W-step.
     """
 
-    def __init__(self, data: LayerData, ridge: float = 1e-3) -> None:
+    def __init__(self, data: LayerData, weight: np.ndarray, ridge: float = 1e-3) -> None:
         x = data.x
         n, d = x.shape
         self.data = data
@@ -147,17 +150,23 @@ class Problem:
         sigma = (xc.T @ xc).astype(np.float64) / n
         sigma = (sigma + sigma.T) / 2
         scale = float(np.trace(sigma)) / d
-        sigma[np.diag_indices(d)] += ridge * (scale if scale > 0 else 1.0)
+        self.mu = ridge * (scale if scale > 0 else 1.0)
+        sigma[np.diag_indices(d)] += self.mu
         self.sigma = sigma
+        self.weight = weight.astype(np.float64)
         self.sigma_inv = _spd_inverse(sigma)
         self.xc = xc
         k = self.group_size
         self.blocks = np.stack([sigma[c * k:(c + 1) * k, c * k:(c + 1) * k] for c in range(self.groups)])
 
-    def least_squares(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For rows ``target`` (N, m): (M, cross = M Sigma, mean of target)."""
-        cross = (target.T @ self.xc).astype(np.float64) / self.n
-        return cross @ self.sigma_inv, cross, target.mean(axis=0, dtype=np.float64)
+    def least_squares(self, target: np.ndarray, w_prev: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For rows ``target`` (N, m): ``(M, M Sigma, mean of target)`` where
+        ``M = argmin ||Xc W^T - Tc||^2 / N + mu ||W - w_prev||^2`` (``w_prev`` defaults to the
+        original weight)."""
+        rhs = (target.T @ self.xc).astype(np.float64) / self.n
+        rhs += self.mu * (self.weight if w_prev is None else w_prev)
+        return rhs @ self.sigma_inv, rhs, target.mean(axis=0, dtype=np.float64)
 
     def objective(self, w: np.ndarray, m: np.ndarray) -> float:
         """Linear objective ``tr((W - M) Sigma (W - M)^T)`` (up to a constant)."""
@@ -166,29 +175,39 @@ class Problem:
 
 
 def linear_fit(problem: Problem, target: np.ndarray, rank: int, keep: int, *, inner: int = 3,
-               support: np.ndarray | None = None, warm: Factors | None = None,
+               support: np.ndarray | None = None, warm: Factors | None = None, start: str = "lowrank",
                precomputed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Factors:
-    """Minimise ``||X W^T + b - target||^2`` over ``W = S + P Q`` (rank <= ``rank``, ``keep`` groups).
+    """Minimise ``||X W^T + b - target||^2 / N + mu ||W - W_prev||^2`` over ``W = S + P Q``
+    (rank <= ``rank``, ``keep`` groups); ``W_prev`` is ``warm``'s weight, else the original.
 
-    ``support`` fixes the kept groups (otherwise they are chosen, starting from ``warm``'s
-    support when given). Block coordinate descent, ``inner`` rounds of (low-rank, sparse).
+    Block coordinate descent, ``inner`` rounds of (low-rank block, sparse block). ``support``
+    fixes the kept groups; otherwise they are re-chosen in every sparse step. The first round
+    starts from ``warm``'s sparse part when it keeps as many groups, else from ``S = 0``
+    (``start="lowrank"``) or from the sparse-only fit (``start="sparse"``).
     """
-    m_ls, cross, t_mean = precomputed if precomputed is not None else problem.least_squares(target)
+    if precomputed is None:
+        precomputed = problem.least_squares(target, None if warm is None else warm.dense(problem.dim))
+    m_ls, cross, t_mean = precomputed
     m_out, d = m_ls.shape
     rank = int(min(rank, m_out, d))
     keep = int(min(keep, problem.groups))
     k = problem.group_size
-    s_cols = np.zeros((m_out, 0))
-    keep_idx = np.zeros(0, dtype=np.int64)
-    if support is not None:
-        keep_idx = np.sort(np.asarray(support, dtype=np.int64))
-    elif warm is not None and warm.kept == keep and keep:
-        keep_idx = warm.keep
-    p = np.zeros((m_out, 0))
-    q = np.zeros((0, d))
+    p, q = np.zeros((m_out, 0)), np.zeros((0, d))
+
+    def sparse_step(keep_idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        resid = m_ls - p @ q if rank else m_ls
+        resid_sigma = cross - p @ (q @ problem.sigma) if rank else cross
+        idx = _select_groups(resid, problem, keep) if keep_idx is None else keep_idx
+        cols = _cols(idx, k)
+        return idx, np.linalg.solve(problem.sigma[np.ix_(cols, cols)], resid_sigma[:, cols].T).T
+
+    keep_idx = np.sort(np.asarray(support, dtype=np.int64)) if support is not None else np.zeros(0, np.int64)
+    s_cols = np.zeros((m_out, keep_idx.size * k))
+    if keep and warm is not None and warm.kept == keep and (support is None or np.array_equal(warm.keep, keep_idx)):
+        keep_idx, s_cols = warm.keep, warm.s.copy()
+    elif keep and start == "sparse":
+        keep_idx, s_cols = sparse_step(None if support is None else keep_idx)
     rounds = 1 if (rank == 0 or keep == 0) else max(1, inner)
-    if keep and keep_idx.size == keep and warm is not None and warm.kept == keep and np.array_equal(warm.keep, keep_idx):
-        s_cols = warm.s.copy()
     for _ in range(rounds):
         if rank:
             a = m_ls.copy()
@@ -196,17 +215,27 @@ def linear_fit(problem: Problem, target: np.ndarray, rank: int, keep: int, *, in
                 a[:, _cols(keep_idx, k)] -= s_cols
             p, q = _top_subspace(a, problem.sigma, rank)
         if keep:
-            resid = m_ls - p @ q if rank else m_ls
-            resid_sigma = cross - (p @ (q @ problem.sigma)) if rank else cross
-            if support is None:
-                keep_idx = _select_groups(resid, problem, keep)
-            cols = _cols(keep_idx, k)
-            s_cols = np.linalg.solve(problem.sigma[np.ix_(cols, cols)], resid_sigma[:, cols].T).T
+            keep_idx, s_cols = sparse_step(None if support is None else keep_idx)
     w = (p @ q) if rank else np.zeros((m_out, d))
     if keep_idx.size:
         w[:, _cols(keep_idx, k)] += s_cols
     bias = t_mean - w @ problem.mean_x
     return Factors(p, q, keep_idx, s_cols if keep_idx.size else np.zeros((m_out, 0)), bias, k)
+
+
+def best_linear_fit(problem: Problem, target: np.ndarray, rank: int, keep: int, *, inner: int = 3,
+                    precomputed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Factors:
+    """:func:`linear_fit` from both starts (low-rank first, sparse first) when both parts are
+    present; the one with the lower linear objective."""
+    if precomputed is None:
+        precomputed = problem.least_squares(target)
+    first = linear_fit(problem, target, rank, keep, inner=inner, precomputed=precomputed)
+    if not (rank and keep):
+        return first
+    second = linear_fit(problem, target, rank, keep, inner=inner, start="sparse", precomputed=precomputed)
+    m_ls = precomputed[0]
+    dim = problem.dim
+    return first if problem.objective(first.dense(dim), m_ls) <= problem.objective(second.dense(dim), m_ls) else second
 
 
 def _cols(keep_idx: np.ndarray, k: int) -> np.ndarray:
@@ -287,7 +316,7 @@ def admm(problem: Problem, rank: int, keep: int, *, iterations: int = 30, rho: f
     def error(v: np.ndarray) -> float:
         return float(np.sqrt(np.sum(np.square(activate(v, act).astype(np.float64) - y)) / y_norm))
 
-    factors = linear_fit(problem, z0, rank, keep, inner=inner)
+    factors = best_linear_fit(problem, z0, rank, keep, inner=inner)
     v = factors.preact(x)
     history = [error(v)]
     best, best_it = factors, 0

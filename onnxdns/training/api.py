@@ -105,7 +105,8 @@ def train(
 
     if resume is None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        art = artifacts_mod.generate(model, ckpt_dir / ARTIFACTS_DIR, artifact_spec(config, params, model, method_options))
+        art = artifacts_mod.generate(model, ckpt_dir / ARTIFACTS_DIR, artifact_spec(config, params, model, method_options),
+                                     batch_size=config.batch_size)
         modelio.save_model(model, ckpt_dir / MODEL_FILE)
         (ckpt_dir / RUN_FILE).write_text(json.dumps(run_info, indent=1))
         session = TrainingSession(art, threads=threads)

@@ -17,6 +17,9 @@ to cross-entropy over the model's single output; any ``onnxblock.Block`` can rep
 loss with a sparsity penalty). Outputs listed in ``train_only_outputs`` (BatchNormalization running
 statistics to write back into the checkpoint) are exposed by the training model only and removed
 from the eval model, where BatchNormalization runs in inference mode with one output.
+
+Given a batch size, the training model is built for that fixed batch size (see :func:`generate`);
+the eval model keeps the dynamic batch dimension.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Artifacts:
     momentum: float
     weight_decay: float
     straight_through: tuple[str, ...]
+    batch_size: int | None  # the training model's fixed batch size (None: dynamic)
 
     @property
     def training_model(self) -> Path:
@@ -110,11 +114,15 @@ class Artifacts:
         (self.directory / MANIFEST).write_text(json.dumps(data, indent=1))
 
 
-def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: ArtifactSpec) -> Artifacts:
-    """Generate the four artifacts of ``model`` into ``directory`` (created if needed)."""
-    from onnxruntime.training import artifacts as ort_artifacts  # imports torch: keep it lazy
-    from onnxruntime.training import onnxblock
+def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: ArtifactSpec, *,
+             batch_size: int | None = None) -> Artifacts:
+    """Generate the four artifacts of ``model`` into ``directory`` (created if needed).
 
+    With ``batch_size``, the training model is built for exactly that batch size (the eval model
+    keeps the model's dynamic batch dimension): onnxruntime 1.19's CPU ``AveragePoolGrad`` takes
+    its output shape from the graph and crashes the process (SIGFPE) when the batch dimension is
+    symbolic.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if len(model.graph.output) != 1:
@@ -124,22 +132,13 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: Artifac
         raise OnnxdnsError(f"training: parameter(s) not in the model: {', '.join(missing[:5])}")
     if not spec.trainable:
         raise OnnxdnsError("training: the model has no trainable parameters (Conv/Gemm/MatMul weights)")
-    loss = spec.loss() if spec.loss is not None else onnxblock.loss.CrossEntropyLoss()
-    extra = [*spec.outputs, *spec.train_only_outputs]
-    with _native_stderr_to_file() as log:
-        try:
-            ort_artifacts.generate_artifacts(
-                model,
-                requires_grad=list(spec.trainable),
-                frozen_params=list(spec.frozen),
-                loss=loss,
-                optimizer=momentum_sgd_block(spec.momentum),
-                artifact_directory=out,
-                additional_output_names=extra or None,
-            )
-        except Exception as e:  # onnxruntime raises RuntimeError / Fail / InvalidGraph ...
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else log.tail()
-            raise OnnxdnsError(f"cannot build the training graph: {detail}") from None
+    if batch_size is None:
+        _generate(model, out, spec, with_optimizer=True)
+    else:
+        _generate(with_batch_size(model, batch_size), out, spec, with_optimizer=True)
+        with tempfile.TemporaryDirectory(prefix="onnxdns-eval-") as tmp:
+            _generate(model, Path(tmp), spec, with_optimizer=False)
+            os.replace(Path(tmp) / EVAL_MODEL, out / EVAL_MODEL)
 
     training = onnx.load(str(out / TRAINING_MODEL))
     for param, mask in spec.straight_through.items():
@@ -158,10 +157,49 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: Artifac
         directory=out, trainable=tuple(spec.trainable), frozen=tuple(spec.frozen), inputs=user_inputs,
         outputs=tuple(spec.outputs), train_only_outputs=tuple(spec.train_only_outputs),
         momentum=float(spec.momentum), weight_decay=float(spec.weight_decay),
-        straight_through=tuple(spec.straight_through),
+        straight_through=tuple(spec.straight_through), batch_size=batch_size,
     )
     result.save_manifest()
     return result
+
+
+def _generate(model: onnx.ModelProto, out: Path, spec: ArtifactSpec, *, with_optimizer: bool) -> None:
+    """``generate_artifacts`` with onnxruntime's native log kept out of the terminal."""
+    from onnxruntime.training import artifacts as ort_artifacts  # imports torch: keep it lazy
+    from onnxruntime.training import onnxblock
+
+    loss = spec.loss() if spec.loss is not None else onnxblock.loss.CrossEntropyLoss()
+    extra = [*spec.outputs, *spec.train_only_outputs]
+    with _native_stderr_to_file() as log:
+        try:
+            ort_artifacts.generate_artifacts(
+                model,
+                requires_grad=list(spec.trainable),
+                frozen_params=list(spec.frozen),
+                loss=loss,
+                optimizer=momentum_sgd_block(spec.momentum) if with_optimizer else None,
+                artifact_directory=out,
+                additional_output_names=extra or None,
+            )
+        except Exception as e:  # onnxruntime raises RuntimeError / Fail / InvalidGraph ...
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else log.tail()
+            raise OnnxdnsError(f"cannot build the training graph: {detail}") from None
+
+
+def with_batch_size(model: onnx.ModelProto, batch_size: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs and outputs have batch dimension ``batch_size``
+    (intermediate shape annotations are dropped so that inference recomputes them)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name for i in out.graph.initializer}
+    for value in [*(v for v in out.graph.input if v.name not in inits), *out.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            if dims[0].HasField("dim_value") and dims[0].dim_value not in (0, batch_size):
+                raise OnnxdnsError(f"{value.name} has a fixed batch size {dims[0].dim_value}, not {batch_size}")
+            dims[0].dim_value = batch_size
+    del out.graph.value_info[:]
+    return out
 
 
 def _is_training_input(name: str) -> bool:

@@ -31,7 +31,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="training length in epochs (default: 10)")
     budget.add_argument("--iterations", type=int, help="training length in optimizer steps")
-    parser.add_argument("--batch-size", type=int, help=f"{_default('batch_size')[2:-1]}")
+    parser.add_argument("--batch-size", type=int, help=f"training batch size{_default('batch_size')}")
     parser.add_argument("--lr", type=float, help=f"learning rate{_default('lr')}")
     parser.add_argument("--momentum", type=float, help=f"SGD momentum{_default('momentum')}")
     parser.add_argument("--weight-decay", type=float, help=f"L2 weight decay{_default('weight_decay')}")
@@ -47,7 +47,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dns.add_argument("--dns-c", metavar="SPEC",
                      help="sensitivity c per layer: 'conv=3,fc=4,fc1=2.5' (a layer name beats its kind; default conv=3,fc=4)")
     dns.add_argument("--dns-gamma", type=float, help=f"surgery probability (1+gamma*t)^-power{_default('dns_gamma')}")
-    dns.add_argument("--dns-power", type=float, help=f"{_default('dns_power')[2:-1]}")
+    dns.add_argument("--dns-power", type=float, help=f"exponent of the surgery probability{_default('dns_power')}")
     dns.add_argument("--dns-iter-stop", type=int, help="no surgery after this many steps of a phase (default: phase end)")
     dns.add_argument("--dns-phases", metavar="SPEC",
                      help="pruning phases, e.g. 'conv:0.4,fc:0.4' (fractions) or 'conv:6000,fc:6000' (steps), "

@@ -8,6 +8,9 @@ METHODS = ("dns", "magnitude", "none")
 DATASETS = ("mnist", "fashion-mnist")
 SCHEDULES = ("constant", "step", "cosine", "inv")
 DEFAULT_EPOCHS = 10.0
+#: DNS surgery probability (1 + gamma * t) ** -power: the reference README's LeNet-5 example.
+DEFAULT_DNS_GAMMA = 1e-4
+DEFAULT_DNS_POWER = 1.0
 
 
 @dataclasses.dataclass
@@ -33,11 +36,11 @@ class TrainConfig:
     subset: int | None = None
     test_subset: int | None = None
     prune_biases: bool | None = None  # None: True for dns (as the reference), False otherwise
-    dns_c: str | dict[str, float] | None = None
-    dns_gamma: float = 1e-4
-    dns_power: float = 1.0
+    dns_c: str | float | dict[str, float] | None = None  # per layer / kind, see dns.parse_layer_values
+    dns_gamma: float = DEFAULT_DNS_GAMMA
+    dns_power: float = DEFAULT_DNS_POWER
     dns_iter_stop: int | None = None
     dns_phases: str | None = None
-    sparsity: str | dict[str, float] | None = None
+    sparsity: str | float | dict[str, float] | None = None
     quality: float | None = None
     rounds: int = 3

@@ -27,14 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxdns.errors import OnnxdnsError
+from onnxdns.training.config import DEFAULT_DNS_GAMMA, DEFAULT_DNS_POWER
 from onnxdns.training.loop import Hook
 from onnxdns.training.params import MaskedLayer
 
-#: Per-kind defaults. gamma, power: the README example (ip1 of LeNet-5); c: 3 for conv (the
-#: ``CConvolutionParameter`` default) and 4 for fc (the README's ip1).
+#: Per-kind sensitivity: 3 for conv (the ``CConvolutionParameter`` default), 4 for fc (the README's
+#: LeNet-5 ip1 example, which also gives the default gamma 1e-4 and power 1, see ``TrainConfig``).
 DEFAULT_C = {"conv": 3.0, "fc": 4.0}
-DEFAULT_GAMMA = 1e-4
-DEFAULT_POWER = 1.0
 
 
 # --------------------------------------------------------------------------- the rule (pure)
@@ -86,8 +85,8 @@ class LayerSettings:
     """DNS hyper-parameters of one layer."""
 
     c: float
-    gamma: float = DEFAULT_GAMMA
-    power: float = DEFAULT_POWER
+    gamma: float = DEFAULT_DNS_GAMMA
+    power: float = DEFAULT_DNS_POWER
     iter_stop: int | None = None  # counted from the phase start; None: until the phase ends
 
 
@@ -138,10 +137,13 @@ def parse_phases(spec: str | None, total_steps: int, kinds_present: set[str]) ->
     return phases
 
 
-def parse_layer_values(spec: str | dict[str, float] | None, defaults: dict[str, float],
+def parse_layer_values(spec: str | float | dict[str, float] | None, defaults: dict[str, float],
                        layers: Sequence[MaskedLayer], what: str) -> dict[str, float]:
-    """Per-layer values from kind defaults overridden by ``"conv=3,fc=4,fc1=2.5"`` (or a dict):
-    a layer name beats its kind, which beats the default."""
+    """Per-layer values from kind defaults overridden by ``"conv=3,fc=4,fc1=2.5"`` (or a dict, or
+    one number for every layer): a layer name beats its kind, which beats ``all``, which beats the
+    default."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        spec = {"all": float(spec)}
     if isinstance(spec, str):
         items: dict[str, float] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):

@@ -23,6 +23,9 @@ class TrainingSession:
     def __init__(self, artifacts: Artifacts, checkpoint: str | os.PathLike | None = None, *, threads: int = 0) -> None:
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
+        if len(artifacts.inputs) != 2:
+            raise OnnxdnsError(f"{artifacts.directory}: the training model takes inputs {list(artifacts.inputs)}; "
+                               "expected (data, labels)")
         self.artifacts = artifacts
         path = Path(checkpoint) if checkpoint is not None else artifacts.checkpoint
         options = ort.SessionOptions()

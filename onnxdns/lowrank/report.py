@@ -1,0 +1,39 @@
+"""The per-layer table of a ``sparse-lowrank`` run (printed by ``onnxdns optimize``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxdns.report import count, ratio, table
+
+
+def layer_table(details: dict[str, Any]) -> str:
+    """One row per candidate layer: rank, kept input groups, MACs, parameters, relative error."""
+    rows = []
+    for r in details["layers"]:
+        split = r["status"] == "split"
+        rows.append((
+            r["name"], r["op"],
+            "-" if r["rank"] is None else str(r["rank"]),
+            f"{r['keep']}/{r['in_channels']}",
+            count(r["macs_before"]), count(r["macs_after"]), ratio(r["macs_before"], r["macs_after"]),
+            count(r["params_before"]), count(r["params_after"]),
+            f"{r['rel_error']:.4f}" if split else "dense",
+        ))
+    text = table(("layer", "op", "rank", "kept", "MACs", "after", "x", "params", "after", "rel. error"), rows, left=2)
+    macs, params, target = details["macs"], details["params"], details["target"]
+    goals = [f"speed-up {target['speedup']}" if target["speedup"] is not None else "",
+             f"compression {target['compression']}" if target["compression"] is not None else ""]
+    goal = " and ".join(g for g in goals if g)
+    lines = [text, "",
+             f"split {details['split_layers']} of {len(details['layers'])} candidate layers; "
+             f"MACs {ratio(macs['before'], macs['after'])} and parameters {ratio(params['before'], params['after'])} "
+             f"fewer over them",
+             f"target {goal} ({target['cost']} cost): estimated {target['estimated_ratio']}x, "
+             f"model parameters {target['params_ratio']}x fewer"
+             + ("" if target["reached"] else " (not reachable: cheapest options taken)"),
+             "rel. error: ||h(split) - h(original)||_F / ||h(original)||_F of the layer output after its "
+             "activation, on held-out calibration images"]
+    for name, reason in details.get("skipped", {}).items():
+        lines.append(f"kept dense: {name}: {reason}")
+    return "\n".join(lines)

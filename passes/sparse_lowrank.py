@@ -1,0 +1,161 @@
+"""``sparse-lowrank``: split layers into structured-sparse plus low-rank factors fitted with ADMM."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxdns import modelio
+from onnxdns.errors import OnnxdnsError
+from onnxdns.framework import GraphPass, PassReport
+from onnxdns.lowrank import blas, calibration, split
+from onnxdns.lowrank.cost import COSTS
+from onnxdns.lowrank.layers import is_split
+from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+
+
+class SparseLowRankPass(GraphPass):
+    """Replaces Conv / Gemm / MatMul weights ``W`` by ``S + L``: a structured-sparse part ``S``
+    (whole input channels or features of the residual kept) plus a low-rank part ``L = P Q``.
+
+    Guarantee: none in general (lossy). Error model: for each split layer the pass minimises the
+    reconstruction error of the layer's output *after its activation* (ReLU when the layer feeds
+    one ReLU, else the layer output itself), ``||h(X_hat W^T + b) - h(Z)||_F``, over calibration
+    rows: ``X_hat`` is the layer's input computed by the model as split so far, ``Z`` the original
+    model's pre-activation, both read with onnxruntime on the calibration inputs. It reports, per
+    layer, the relative error ``||.||_F / ||h(Z)||_F`` on held-out calibration images. With full
+    rank (or every group kept) the split layer equals the original up to float rounding.
+
+    Emitted (standard ONNX, opset of the model): ``L`` as a Conv with ``r`` output channels and
+    the original kernel followed by a 1x1 Conv (two Gemms / MatMuls for dense layers); ``S`` as a
+    Gather of the kept input channels and a narrow dense Conv/Gemm/MatMul over them; the two
+    summed with ``Add`` before the original activation. Per-layer ranks and kept groups come from
+    a global target: ``target_speedup`` (estimated with ``cost``: ``latency``, a model of
+    onnxruntime's CPU provider, or ``macs``), ``target_compression`` (parameters), or both,
+    choosing the options with the least measured error per unit of cost (see
+    ``docs/sparse_lowrank.md``).
+
+    Preconditions: one model input with static non-batch dimensions; BatchNormalization after a
+    layer is folded first (``fold-batchnorm``, exact). Layers eligible: 2-D Conv with ``group=1``,
+    Gemm with ``transA=0``, MatMul with a constant 2-D weight, float32 weights. Options:
+    ``calib_data`` (dataset name of :mod:`onnxdns.data`, an array of model inputs, or None for
+    standard-normal inputs, which only suit tests), ``calib_samples``, ``max_rows`` (calibration rows
+    per layer, at most), ``round_to`` (rank and kept
+    counts in multiples, 8 for ``--target cuda``), ``iterations`` (ADMM), ``finetune_epochs``
+    (fine-tune the split model with onnxruntime-training on the calibration dataset, labels
+    needed). A model already split by this pass is left unchanged.
+    """
+
+    name = "sparse-lowrank"
+    exact = False
+    summary = "split Conv/Gemm/MatMul into structured-sparse + low-rank factors (ADMM, calibration data; lossy)"
+
+    def __init__(
+        self,
+        calib_data: Any = None,
+        *,
+        target_speedup: float | None = None,
+        target_compression: float | None = None,
+        calib_samples: int = 512,
+        max_rows: int = 16384,
+        cost: str = "latency",
+        cost_batch: int = 8,
+        round_to: int = 1,
+        iterations: int = 30,
+        ridge: float = 1e-3,
+        max_dim: int = 8192,
+        skip: Sequence[str] = (),
+        compare: bool = False,
+        finetune_epochs: float = 0.0,
+        finetune_lr: float = 0.005,
+        seed: int = 0,
+        threads: int = 0,
+        progress: bool = False,
+        data_dir: str | None = None,
+    ):
+        if target_speedup is None and target_compression is None:
+            target_speedup = 2.0
+        for ratio in (target_speedup, target_compression):
+            if ratio is not None and not ratio > 1.0:
+                raise OnnxdnsError(f"sparse-lowrank: a target ratio must be above 1, got {ratio}")
+        if cost not in COSTS[:2]:
+            raise OnnxdnsError(f"sparse-lowrank: cost must be one of {', '.join(COSTS[:2])}, got '{cost}'")
+        if calib_samples < 2 or max_rows < 16 or round_to < 1 or iterations < 0 or cost_batch < 1 or finetune_epochs < 0:
+            raise OnnxdnsError("sparse-lowrank: calib_samples >= 2, max_rows >= 16, round_to >= 1, iterations >= 0, cost_batch >= 1 "
+                               "and finetune_epochs >= 0 are required")
+        if finetune_epochs and not isinstance(calib_data, str):
+            raise OnnxdnsError("sparse-lowrank: fine-tuning needs calib_data to be a dataset name (labels are needed)")
+        self.calib_data = calib_data
+        self.calib_samples = int(calib_samples)
+        self.finetune_epochs = float(finetune_epochs)
+        self.finetune_lr = float(finetune_lr)
+        self.progress = progress
+        self.data_dir = data_dir
+        self.settings = split.Settings(
+            target_speedup=target_speedup, target_compression=target_compression, cost=cost, cost_batch=cost_batch,
+            round_to=round_to, iterations=iterations, ridge=ridge, max_rows=max_rows, max_dim=max_dim,
+            skip=tuple(skip), seed=seed, threads=threads, compare=compare)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        target = f"target_speedup={s.target_speedup}" if s.target_speedup is not None else \
+            f"target_compression={s.target_compression}"
+        data = self.calib_data if isinstance(self.calib_data, str) or self.calib_data is None else "<array>"
+        return f"SparseLowRankPass(calib_data={data!r}, {target}, cost={s.cost!r}, round_to={s.round_to})"
+
+    def requires(self, model: ir.Model) -> None:
+        if is_split(model.graph):
+            return
+        try:
+            calibration.model_input(modelio.to_proto(model))
+        except OnnxdnsError as e:
+            raise ir.passes.PreconditionError(str(e)) from e
+
+    def call(self, model: ir.Model) -> PassReport:
+        if is_split(model.graph):
+            return PassReport(model, False, {"note": "the model is already split by sparse-lowrank; nothing done"})
+        folded = FoldBatchNormPass().call(model)
+        proto = modelio.to_proto(model)
+        _, shape = calibration.model_input(proto)
+        images, source = calibration.calibration_inputs(self.calib_data, shape, self.calib_samples,
+                                                        seed=self.settings.seed, data_dir=self.data_dir)
+        with blas.blas_threads(self.settings.threads), _Progress(self.progress) as tick:
+            details = split.split_model(model, images, self.settings, progress=tick)
+        details["calibration"]["data"] = source
+        details["folded_batchnorm"] = folded.details.get("folded_into", [])
+        if self.finetune_epochs and details["split_layers"]:
+            from onnxdns.lowrank.finetune import finetune
+
+            details["finetune"] = finetune(model, self.calib_data, epochs=self.finetune_epochs, lr=self.finetune_lr,
+                                           seed=self.settings.seed, threads=self.settings.threads,
+                                           progress=self.progress, data_dir=self.data_dir)
+        return PassReport(model, bool(details["split_layers"]) or folded.modified, details)
+
+
+class _Progress:
+    """A context manager yielding ``tick(stage, n)``: tqdm bars per stage when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+
+    def __enter__(self):
+        def tick(stage: str, n: int) -> None:
+            if not self.enabled:
+                return
+            if stage not in self.bars:
+                from tqdm import tqdm
+
+                unit = "img" if stage == "calibrate" else "layer"
+                self.bars[stage] = tqdm(desc=f"sparse-lowrank {stage}", unit=unit, leave=False)
+            self.bars[stage].update(n)
+        return tick
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+__all__ = ["SparseLowRankPass"]
