@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
-from onnxdns import modelio, runtime
 from onnxdns.passes.remove_channels import RemoveChannelsPass
 from onnxdns.synthetic import randomize_batchnorm, zero_channels
 from onnxdns.testing import assert_exact, export_module

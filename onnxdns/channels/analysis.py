@@ -30,7 +30,6 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxdns import graphutil
 from onnxdns.channels.constants import unknown
 from onnxdns.channels.layout import Layout, SlotTable
 

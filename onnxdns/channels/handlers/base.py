@@ -1,0 +1,62 @@
+"""The handler interface, the default for unknown ops, and helpers shared by the handlers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxdns import graphutil
+from onnxdns.channels.analysis import ChannelGraph
+
+
+class Handler:
+    """Default behaviour: an op we know nothing about (pins its inputs, outputs untracked)."""
+
+    def propagate(self, node: ir.Node, g: ChannelGraph) -> None:
+        if any(g.layout(v) is not None for v in node.inputs):
+            g.unknown_ops[f"{node.domain + '::' if node.domain else ''}{node.op_type}"] += 1
+        g.pin_inputs(node, f"consumed by {node.op_type} node {g.node_name(node)} (no channel handler)")
+
+    def constants(self, node: ir.Node, g: ChannelGraph) -> None:
+        pass
+
+    def check(self, node: ir.Node, g: ChannelGraph) -> None:
+        pass
+
+    def rewrite(self, node: ir.Node, g: ChannelGraph) -> None:
+        pass
+
+
+UNKNOWN = Handler()
+
+
+def _padded(node: ir.Node) -> bool:
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
+        return True
+    return any(p != 0 for p in (graphutil.attr_ints(node, "pads") or []))
+
+
+def _changed(*masks: np.ndarray) -> bool:
+    return any(not m.all() for m in masks)
+
+
+def _fold_value(v: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Constants of removed channels with NaN (ignored channels) read as 0."""
+    return np.where(removed & ~np.isnan(v), v, 0.0)
+
+
+class SameChannels(Handler):
+    """Base for ops whose output channel ``i`` carries the constant of input channel ``i``."""
+
+    def constants(self, node: ir.Node, g: ChannelGraph) -> None:
+        if g.layout(node.outputs[0]) is not None:
+            g.set_const(node.outputs[0], g.const(node.inputs[0]))
+
+
+def _axes_input(node: ir.Node) -> list[int] | None:
+    """Axes given as the second input (newer opsets) or the ``axes`` attribute (older ones)."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = graphutil.const_array(node.inputs[1])
+        return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+    return graphutil.attr_ints(node, "axes")
