@@ -1,4 +1,4 @@
-"""The Python API behind the command line: optimize, inspect, validate.
+"""The Python API behind the command line: optimize, inspect, validate, slim.
 
 ``optimize`` never touches its input file: the result is written atomically to another path,
 then checked (onnx full check + shape inference) and compared with the input in onnxruntime.
@@ -21,6 +21,7 @@ from onnxdns.errors import OnnxdnsError
 from onnxdns.stats import ModelStats, model_stats
 
 if TYPE_CHECKING:
+    from onnxdns.slimming import SlimResult
     from onnxdns.validate import Comparison
 
 # onnxdns.validate and onnxdns.runtime are imported where used: importing onnxruntime-training
@@ -169,6 +170,14 @@ def validate(model_a: str | os.PathLike | onnx.ModelProto, model_b: str | os.Pat
     a = model_a if isinstance(model_a, onnx.ModelProto) else modelio.load_model(model_a)
     b = model_b if isinstance(model_b, onnx.ModelProto) else modelio.load_model(model_b)
     return compare(a, b, **options)
+
+
+def slim(input_path: str | os.PathLike, output_path: str | os.PathLike, **options: Any) -> SlimResult:
+    """Network Slimming: sparsity training, channel pruning, fine-tuning, optimize (restartable).
+    See :func:`onnxdns.slimming.slim` for the options."""
+    from onnxdns.slimming import slim as _slim
+
+    return _slim(input_path, output_path, **options)
 
 
 # --------------------------------------------------------------------------- helpers

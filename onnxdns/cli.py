@@ -16,6 +16,8 @@ from typing import Sequence
 from onnxdns import __version__
 from onnxdns.data import DATASETS
 from onnxdns.errors import OnnxdnsError
+from onnxdns.slimming_cli import add_slim_arguments, run_slim
+from onnxdns.training.cli import add_train_arguments, run_train
 
 DATA_CHOICES = ("random", *DATASETS)
 
@@ -96,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, metavar="FILE")
     p.add_argument("--list", action="store_true", help="list the models")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("train", parents=[common], help="train or prune with onnxruntime-training (dns, magnitude, slim, none)",
+                       description="Train an ONNX classifier with onnxruntime-training: Dynamic Network Surgery, "
+                                   "magnitude pruning, Network Slimming sparsity training or plain training.")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("slim", parents=[common], help="Network Slimming: sparsity training, channel pruning, fine-tuning",
+                       description="Train with an L1 penalty on BatchNorm scales, prune the channels with small scales "
+                                   "(coupled channels as whole groups), fine-tune, optimize and validate. Finished "
+                                   "stages are skipped when the command is run again.")
+    add_slim_arguments(p)
+    p.set_defaults(func=run_slim)
     return parser
 
 
@@ -228,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise _UsageError("missing COMMAND: optimize, inspect, validate, passes or export (see onnxdns --help)")
+            raise _UsageError("missing COMMAND: optimize, inspect, validate, passes, export, train or slim (see onnxdns --help)")
         return args.func(args)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else EXIT_OK

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import onnx_ir as ir
 
-from onnxdns import modelio
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass, PassReport
 from onnxdns.lowrank import blas, calibration, split
@@ -39,13 +37,16 @@ class SparseLowRankPass(GraphPass):
 
     Preconditions: one model input with static non-batch dimensions; BatchNormalization after a
     layer is folded first (``fold-batchnorm``, exact). Layers eligible: 2-D Conv with ``group=1``,
-    Gemm with ``transA=0``, MatMul with a constant 2-D weight, float32 weights. Options:
-    ``calib_data`` (dataset name of :mod:`onnxdns.data`, an array of model inputs, or None for
-    standard-normal inputs, which only suit tests), ``calib_samples``, ``max_rows`` (calibration rows
-    per layer, at most), ``round_to`` (rank and kept
-    counts in multiples, 8 for ``--target cuda``), ``iterations`` (ADMM), ``finetune_epochs``
-    (fine-tune the split model with onnxruntime-training on the calibration dataset, labels
-    needed). A model already split by this pass is left unchanged.
+    Gemm with ``transA=0``, MatMul with a constant 2-D weight, float32 weights.
+
+    Options: ``calib_data`` (dataset name of :mod:`onnxdns.data`, an array of model inputs, or
+    None for standard-normal inputs, which only suit tests), ``calib_samples``, ``max_rows``
+    (calibration rows per layer, at most), ``round_to`` (ranks and kept counts in multiples, 8 for
+    ``--target cuda``), ``iterations`` (ADMM), ``sensitivity`` (weight layer errors by their
+    measured effect on the outputs), ``compare`` (also fit low-rank-only, sparse-only and mixed
+    baselines at the same MACs, for reports), ``finetune_epochs`` (fine-tune the split model with
+    onnxruntime-training on the calibration dataset, labels needed). The result is deterministic
+    for given inputs and options. A model already split by this pass is left unchanged.
     """
 
     name = "sparse-lowrank"
@@ -63,10 +64,11 @@ class SparseLowRankPass(GraphPass):
         cost: str = "latency",
         cost_batch: int = 8,
         round_to: int = 1,
-        iterations: int = 30,
+        iterations: int = 10,
         ridge: float = 1e-3,
         max_dim: int = 8192,
         skip: Sequence[str] = (),
+        sensitivity: bool = True,
         compare: bool = False,
         finetune_epochs: float = 0.0,
         finetune_lr: float = 0.005,
@@ -82,9 +84,9 @@ class SparseLowRankPass(GraphPass):
                 raise OnnxdnsError(f"sparse-lowrank: a target ratio must be above 1, got {ratio}")
         if cost not in COSTS[:2]:
             raise OnnxdnsError(f"sparse-lowrank: cost must be one of {', '.join(COSTS[:2])}, got '{cost}'")
-        if calib_samples < 2 or max_rows < 16 or round_to < 1 or iterations < 0 or cost_batch < 1 or finetune_epochs < 0:
-            raise OnnxdnsError("sparse-lowrank: calib_samples >= 2, max_rows >= 16, round_to >= 1, iterations >= 0, cost_batch >= 1 "
-                               "and finetune_epochs >= 0 are required")
+        if min(calib_samples - 2, max_rows - 16, round_to - 1, iterations, cost_batch - 1, finetune_epochs) < 0:
+            raise OnnxdnsError("sparse-lowrank: calib_samples >= 2, max_rows >= 16, round_to >= 1, iterations >= 0, "
+                               "cost_batch >= 1 and finetune_epochs >= 0 are required")
         if finetune_epochs and not isinstance(calib_data, str):
             raise OnnxdnsError("sparse-lowrank: fine-tuning needs calib_data to be a dataset name (labels are needed)")
         self.calib_data = calib_data
@@ -96,20 +98,19 @@ class SparseLowRankPass(GraphPass):
         self.settings = split.Settings(
             target_speedup=target_speedup, target_compression=target_compression, cost=cost, cost_batch=cost_batch,
             round_to=round_to, iterations=iterations, ridge=ridge, max_rows=max_rows, max_dim=max_dim,
-            skip=tuple(skip), seed=seed, threads=threads, compare=compare)
+            skip=tuple(skip), sensitivity=sensitivity, seed=seed, threads=threads, compare=compare)
 
     def __repr__(self) -> str:
         s = self.settings
-        target = f"target_speedup={s.target_speedup}" if s.target_speedup is not None else \
-            f"target_compression={s.target_compression}"
         data = self.calib_data if isinstance(self.calib_data, str) or self.calib_data is None else "<array>"
-        return f"SparseLowRankPass(calib_data={data!r}, {target}, cost={s.cost!r}, round_to={s.round_to})"
+        return (f"SparseLowRankPass(calib_data={data!r}, target_speedup={s.target_speedup}, "
+                f"target_compression={s.target_compression}, cost={s.cost!r}, round_to={s.round_to})")
 
     def requires(self, model: ir.Model) -> None:
         if is_split(model.graph):
             return
         try:
-            calibration.model_input(modelio.to_proto(model))
+            calibration.ir_model_input(model)
         except OnnxdnsError as e:
             raise ir.passes.PreconditionError(str(e)) from e
 
@@ -117,8 +118,7 @@ class SparseLowRankPass(GraphPass):
         if is_split(model.graph):
             return PassReport(model, False, {"note": "the model is already split by sparse-lowrank; nothing done"})
         folded = FoldBatchNormPass().call(model)
-        proto = modelio.to_proto(model)
-        _, shape = calibration.model_input(proto)
+        _, shape = calibration.ir_model_input(model)
         images, source = calibration.calibration_inputs(self.calib_data, shape, self.calib_samples,
                                                         seed=self.settings.seed, data_dir=self.data_dir)
         with blas.blas_threads(self.settings.threads), _Progress(self.progress) as tick:

@@ -57,3 +57,17 @@ def test_zoo_model_exact_and_accounted(name, batchnorm):
         assert details["total_removed_channels"] > 0
     again = RemoveChannelsPass().apply(result.model)
     assert not again.modified
+
+
+@pytest.mark.parametrize("batchnorm", ["fresh", "random"])
+def test_zeroed_depthwise_filters_take_their_whole_channel_along(batchnorm):
+    """A zero depthwise filter makes its channel constant: the expand conv row feeding it, its
+    BatchNorms and the projection's input column all go with it."""
+    proto = export_module(build("mobilenet-v2"), INPUT_SHAPES["mobilenet-v2"])
+    if batchnorm == "random":
+        proto = randomize_batchnorm(proto, seed=1)
+    masked, zeroed = zero_channels(proto, 0.5, seed=0, skip_depthwise=False)
+    result = RemoveChannelsPass().apply(masked)
+    assert_exact(masked, result.model, batch=2)
+    depthwise_only = RemoveChannelsPass().apply(zero_channels(proto, 0.5, seed=0)[0])
+    assert result.details["total_removed_channels"] > depthwise_only.details["total_removed_channels"]

@@ -61,7 +61,8 @@ def exact_factors(layer, rank: int, keep: np.ndarray) -> Factors:
     rest[:, cols] = 0
     u, s, vt = np.linalg.svd(rest, full_matrices=False)
     assert np.all(s[rank:] < 1e-6 * max(s[0], 1.0)), "the rest must have rank <= rank"
-    return Factors(u[:, :rank] * s[:rank], vt[:rank], keep.astype(np.int64), w[:, cols], layer.bias.astype(np.float64), k)
+    return Factors(u[:, :rank] * s[:rank], vt[:rank], keep.astype(np.int64), w[:, cols],
+                   layer.bias.astype(np.float64), k)
 
 
 @pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
@@ -124,7 +125,8 @@ def test_sparse_plus_lowrank_graph_structure(op):
 
 
 def tiny_net() -> onnx.ModelProto:
-    """28x28 -> Conv 1->8 (pad 1) -> BN -> Relu -> Conv 8->16 (stride 2) -> Relu -> GAP -> Gemm 16->24 -> Relu -> Gemm 24->10."""
+    """28x28 -> Conv 1->8 (pad 1) -> BN -> Relu -> Conv 8->16 (stride 2) -> Relu -> GAP
+    -> Gemm 16->24 -> Relu -> Gemm 24->10."""
     bn = [init("g", RNG.uniform(0.5, 1.5, 8).astype(np.float32)), init("be", normal(8, scale=0.1)),
           init("mu", normal(8, scale=0.1)), init("var", RNG.uniform(0.5, 1.5, 8).astype(np.float32))]
     nodes = [
@@ -234,3 +236,36 @@ def test_api_takes_pass_options(tmp_path):
     details = result.passes[0].details
     assert details["target"]["compression"] == 2.0
     assert details["params"]["after"] * 2 <= details["params"]["before"] or not details["target"]["reached"]
+
+
+def test_sensitivities_are_measured_on_the_model_outputs():
+    from onnxdns.lowrank.sensitivity import NOISE_SUFFIX, noisy_model, sensitivities
+    from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+
+    model = FoldBatchNormPass()(tiny_net())
+    layers = find_layers(modelio.to_ir(model).graph)[0]
+    images = np.asarray(load_dataset("fashion-mnist", "test").images[:64], np.float32)
+    noisy = noisy_model(model, [layer.activated_name for layer in layers])
+    probe = runtime.run(calibration.prefix_model(model, [layer.activated_name for layer in layers]), {"input": images})
+    ones = {layer.activated_name + NOISE_SUFFIX: np.ones(p.shape, np.float32) for layer, p in zip(layers, probe)}
+    np.testing.assert_allclose(run(noisy, {"input": images, **ones})[0], run(model, {"input": images})[0],
+                               rtol=1e-6, atol=1e-6)
+    sens = sensitivities(model, layers, images, delta=0.05)
+    assert all(np.isfinite(v) and v > 0 for v in sens.values())
+    # fc2's output is the logits: a relative error there is the same relative error of the output
+    assert sens[layers[-1].index] == pytest.approx(1.0, rel=0.25)
+
+
+def test_finetune_updates_the_split_model_in_place():
+    from onnxdns.lowrank.finetune import finetune
+
+    result = SparseLowRankPass("fashion-mnist", calib_samples=96, target_speedup=1.6, iterations=3,
+                               threads=1).apply(modelio.to_ir(tiny_net()))
+    model = result.model
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items() if MARK in n}
+    summary = finetune(model, "fashion-mnist", epochs=1, lr=0.01, subset=640, test_subset=200, threads=1)
+    assert summary["steps"] == 10 and len(summary["test_accuracy"]) == 1
+    after = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if MARK in n}
+    changed = [n for n in before if before[n].dtype == np.float32 and not np.array_equal(before[n], after[n])]
+    assert changed and all(n in after for n in before)
+    onnx.checker.check_model(modelio.to_proto(model), full_check=True)

@@ -110,20 +110,20 @@ def test_prox_matches_a_brute_force_minimum():
     rng = np.random.default_rng(0)
     v = rng.standard_normal(200) * 2
     y = np.maximum(rng.standard_normal(200), 0)
-    grid = np.linspace(-8, 8, 160001)
+    grid = np.linspace(-8, 8, 32001)
     for rho in (0.3, 1.0, 7.0):
         z = prox_activation(v, y, rho, "relu")
         f = (np.maximum(grid[None, :], 0) - y[:, None]) ** 2 + rho / 2 * (grid[None, :] - v[:, None]) ** 2
         f_opt = f.min(axis=1)
         f_z = (np.maximum(z, 0) - y) ** 2 + rho / 2 * (z - v) ** 2
-        assert np.all(f_z <= f_opt + 1e-6)
+        assert np.all(f_z <= f_opt + 1e-5)
 
 
 def test_admm_objective_decreases():
     data, w, _ = relu_layer()
     problem = Problem(data, w)
     for rank, keep in ((4, 0), (3, 2), (0, 5)):
-        result = admm(problem, rank, keep, iterations=25)
+        result = admm(problem, rank, keep, iterations=12)
         h = np.array(result.history)
         assert h[-1] < 0.98 * h[0], h  # ADMM improves on the activation-unaware start
         assert np.all(np.diff(h) <= 1e-3 * h[0]), h  # and the objective goes down step by step
@@ -187,10 +187,11 @@ def test_allocation_is_optimal_on_small_tables():
 def test_allocation_with_a_parameter_limit_meets_both_limits():
     rng = np.random.default_rng(1)
     for _ in range(30):
-        tables = [[budget.Option(r, 0, float(c), float(e), 0, int(p))
-                   for r, (c, e, p) in enumerate(zip(rng.uniform(1, 10, 4), rng.uniform(0, 1, 4), rng.integers(1, 100, 4)),
-                                                 start=1)] + [budget.Option(None, 0, 12.0, 0.0, 0, 120)]
-                  for _ in range(3)]
+        tables = []
+        for _ in range(3):
+            draws = zip(rng.uniform(1, 10, 4), rng.uniform(0, 1, 4), rng.integers(1, 100, 4))
+            tables.append([budget.Option(r, 0, float(c), float(e), 0, int(p)) for r, (c, e, p) in enumerate(draws, 1)]
+                          + [budget.Option(None, 0, 12.0, 0.0, 0, 120)])
         limit, params_limit = float(rng.uniform(8, 30)), float(rng.uniform(30, 250))
         choice, ok = budget.allocate(tables, limit, resolution=512, params_budget=params_limit)
         combos = list(itertools.product(*(range(len(t)) for t in tables)))
@@ -201,3 +202,6 @@ def test_allocation_with_a_parameter_limit_meets_both_limits():
             assert sum(t[i].params for t, i in zip(tables, choice)) <= params_limit
         else:
             assert not fits
+            alone, cost_ok = budget.allocate(tables, limit, resolution=512)
+            if cost_ok:  # an unreachable parameter limit is dropped, the cost limit kept
+                assert choice == alone

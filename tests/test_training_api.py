@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_error(models, tmp_path):
     cases = [
         (dict(input_path=tmp_path / "missing.onnx", output_path=tmp_path / "o.onnx"), "no such file"),
         (dict(input_path=src, output_path=src), "refusing to overwrite the input"),
-        (dict(input_path=src, output_path=tmp_path / "o.onnx", method="slim"), "unknown method"),
+        (dict(input_path=src, output_path=tmp_path / "o.onnx", method="obd"), "unknown method"),
         (dict(input_path=src, output_path=tmp_path / "o.onnx", momentum=1.0), "momentum"),
         (dict(input_path=src, output_path=tmp_path / "nodir" / "o.onnx"), "does not exist"),
         (dict(input_path=src, output_path=tmp_path / "o.onnx", dns_c="fc7=1", iterations=2), "unknown layer"),

@@ -100,6 +100,8 @@ def test_lr_schedules_and_momentum_scaling():
     assert [step(0), step(30), step(60)] == pytest.approx([0.1, 0.01, 0.001])
     cosine = LRSchedule("cosine", 0.1, 100)
     assert [cosine(0), cosine(50), cosine(100)] == pytest.approx([0.1, 0.05, 0.0])
+    held = LRSchedule("cosine", 0.1, 100, step_size=60)  # full lr for 60 steps, then the half cosine
+    assert [held(0), held(59), held(60), held(80), held(100)] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.0])
     assert LRSchedule("inv", 0.01, 100)(10_000) == pytest.approx(0.01 * 2 ** -0.75)
     assert ort_learning_rate(0.01, 0.9) == pytest.approx(0.1, rel=1e-6)
     with pytest.raises(OnnxdnsError, match="unknown learning-rate schedule"):

@@ -1,8 +1,8 @@
 """Per-layer candidates (rank, kept groups), their measured errors, and the global allocation.
 
-Each layer gets a grid of options: ranks in steps of ``rank_step`` and kept input groups in
-eighths of the layer's groups plus 1/64, 1/32 and 1/16 of them (both rounded up to ``round_to``,
-8 for the CUDA target), keeping
+Each layer gets a grid of options (:func:`grid`): ranks 1, 2, 4 and steps of ``rank_step``,
+kept input groups at :data:`KEEP_FRACTIONS` of the layer's groups (both rounded up to
+``round_to``, 8 for the CUDA target), keeping
 only options cheaper than the dense layer, plus the dense layer itself (error 0). The error of
 an option is the squared relative post-activation error of a linear S + L fit on held-out
 calibration rows (:func:`candidate_errors`); :func:`allocate` then picks one option per layer
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from onnxdns.lowrank.fit import Problem, activate, best_linear_fit, linear_fit
+from onnxdns.lowrank.fit import Problem, activate, linear_fit
 from onnxdns.lowrank.layers import Geometry
 
 
@@ -49,15 +49,24 @@ def rank_step(geometry: Geometry, round_to: int) -> int:
     return 8 if full >= 128 else 4 if full >= 32 else 2 if full >= 8 else 1
 
 
-def grid(geometry: Geometry, cost: Callable[[Geometry, int | None, int], float], round_to: int = 1,
-         keep_levels: int = 8) -> list[tuple[int, int]]:
-    """(rank, keep) pairs cheaper than the dense layer under ``cost`` (rank 0 = sparse only)."""
+#: Kept fractions of a layer's input groups offered to the allocation (then rounded).
+KEEP_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 12, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+
+
+def grid(geometry: Geometry, cost: Callable[[Geometry, int | None, int], float],
+         round_to: int = 1) -> list[tuple[int, int]]:
+    """(rank, keep) pairs cheaper than the dense layer under ``cost`` (rank 0 = sparse only).
+
+    Ranks: 1, 2, 4 (small low-rank parts next to a sparse part) and multiples of
+    :func:`rank_step`; kept groups: :data:`KEEP_FRACTIONS` of the input groups. With
+    ``round_to > 1`` both are multiples of it.
+    """
     dense = cost(geometry, None, 0)
     step_r = rank_step(geometry, round_to)
     c = geometry.in_channels
-    ranks = [0] + list(range(step_r, geometry.full_rank + 1, step_r))
-    fractions = [1 / 64, 1 / 32, 1 / 16] + [i / keep_levels for i in range(1, keep_levels)]
-    keeps = sorted({0} | {min(c, _round_up(max(1, round(f * c)), round_to)) for f in fractions})
+    small = [r for r in (1, 2, 4) if r % round_to == 0 and r <= geometry.full_rank]
+    ranks = sorted({0, *small, *range(step_r, geometry.full_rank + 1, step_r)})
+    keeps = sorted({0} | {min(c, _round_up(max(1, round(f * c)), round_to)) for f in KEEP_FRACTIONS})
     out = []
     for g in keeps:
         for r in ranks:
@@ -69,15 +78,15 @@ def grid(geometry: Geometry, cost: Callable[[Geometry, int | None, int], float],
 
 
 def candidate_errors(problem: Problem, geometry: Geometry, pairs: Sequence[tuple[int, int]],
-                     hint_macs: float, inner: int = 3, mixed_per_keep: int = 4) -> dict[tuple[int, int], float]:
+                     hint_macs: float, inner: int = 2, mixed_per_keep: int = 4) -> dict[tuple[int, int], float]:
     """Squared relative post-activation error on held-out rows of (rank, keep) options from ``pairs``.
 
     Low-rank only options (keep 0): all ranks from one eigendecomposition (exact for the linear
     fit). Sparse only options (rank 0): one least-squares fit per kept count. Mixed options need
-    a joint fit each (``inner`` alternations of the low-rank and sparse blocks, from both starts:
-:func:`~onnxdns.lowrank.fit.best_linear_fit`), so per kept count
-    only ``mixed_per_keep`` ranks are fitted, spread over the options whose MACs lie between 1/4
-    and 2 times ``hint_macs`` (the layer's share of the target); other mixed options are not
+    a joint fit each (``inner`` alternations of the low-rank and sparse blocks, sparse first), so
+    they are fitted only for kept counts whose sparse part alone is within ``hint_macs`` (the
+    layer's share of the target), and per kept count for ``mixed_per_keep`` ranks spread over the
+    options whose MACs lie between 1/4 and 2 times ``hint_macs``; other mixed options are not
     returned, i.e. not offered to the allocation.
     """
     data = problem.data
@@ -85,7 +94,7 @@ def candidate_errors(problem: Problem, geometry: Geometry, pairs: Sequence[tuple
     y_eval = activate(data.z_eval, act).astype(np.float64)
     y_norm = float(np.sum(np.square(y_eval))) or 1.0
     precomputed = problem.least_squares(data.z)
-    m_ls, _, t_mean = precomputed
+    m_ls, cross, t_mean = precomputed
     errors: dict[tuple[int, int], float] = {}
 
     def err(pre: np.ndarray) -> float:
@@ -102,7 +111,7 @@ def candidate_errors(problem: Problem, geometry: Geometry, pairs: Sequence[tuple
         if not ranks:
             continue
         if g == 0:  # low-rank only: the best rank-r fit for every r from one eigendecomposition
-            gram = (m_ls @ problem.sigma) @ m_ls.T
+            gram = cross @ m_ls.T
             _, vecs = np.linalg.eigh((gram + gram.T) / 2)
             u = vecs[:, ::-1][:, :ranks[-1]]
             q = u.T @ m_ls
@@ -111,12 +120,14 @@ def candidate_errors(problem: Problem, geometry: Geometry, pairs: Sequence[tuple
             for r in ranks:
                 errors[(r, 0)] = err(xq[:, :r] @ u[:, :r].T + (t_mean - u[:, :r] @ qx_mean[:r]))
             continue
+        if geometry.macs(0, g) > hint_macs:  # the sparse part alone is over the layer's share
+            continue
         window = [r for r in ranks if hint_macs / 4 <= geometry.macs(r, g) <= 2 * hint_macs]
-        if len(window) > mixed_per_keep:
+        if len(window) > mixed_per_keep:  # the smallest rank and others spread evenly
             picks = np.linspace(0, len(window) - 1, mixed_per_keep).round().astype(int)
             window = [window[i] for i in sorted(set(picks))]
         for r in window:
-            f = best_linear_fit(problem, data.z, r, g, inner=inner, precomputed=precomputed)
+            f = linear_fit(problem, data.z, r, g, inner=inner, start="sparse", precomputed=precomputed)
             errors[(r, g)] = err(f.preact(data.x_eval).astype(np.float64))
     return errors
 
@@ -129,8 +140,9 @@ def allocate(tables: Sequence[Sequence[Option]], budget: float, resolution: int 
     ``resolution`` units, costs rounded *up* to whole units: the result always fits the budget and
     is at least as good as any choice costing at most ``budget - len(tables) * budget / resolution``.
     ``params_budget`` adds a second limit on the summed ``params``, handled by a Lagrange
-    multiplier on the parameters (bisected to the smallest that meets it). When the limits cannot
-    be met the cheapest options are chosen and the second value is False.
+    multiplier on the parameters (bisected to the smallest that meets it). The second value is
+    False when a limit cannot be met: for the cost budget the cheapest options are then chosen;
+    an unreachable parameter limit is dropped (the cost-limited optimum is returned).
     """
     choice, ok = _knapsack(tables, budget, resolution, 0.0)
     if params_budget is None or not ok:
@@ -141,6 +153,7 @@ def allocate(tables: Sequence[Sequence[Option]], budget: float, resolution: int 
 
     if params(choice) <= params_budget:
         return choice, True
+    unconstrained = choice
     scale = max(o.error for t in tables for o in t) or 1.0
     per_param = scale / max(params_budget, 1.0)
     lo, hi = 0.0, per_param
@@ -149,8 +162,7 @@ def allocate(tables: Sequence[Sequence[Option]], budget: float, resolution: int 
         if params(choice) <= params_budget:
             break
         if hi > per_param * 1e12:
-            cheapest = [min(range(len(t)), key=lambda i: (t[i].params, t[i].cost)) for t in tables]
-            return cheapest, False
+            return unconstrained, False
         lo, hi = hi, hi * 4
     best = choice
     for _ in range(40):

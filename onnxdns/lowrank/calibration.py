@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxdns import runtime
 from onnxdns.errors import OnnxdnsError
@@ -38,6 +39,18 @@ def model_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
     if any(d is None or d <= 0 for d in shape):
         raise OnnxdnsError(f"input '{inputs[0].name}' needs static dimensions after the batch, got {list(shape)}")
     return inputs[0].name, shape
+
+
+def ir_model_input(model: ir.Model) -> tuple[str, tuple[int, ...]]:
+    """:func:`model_input` for an onnx-ir model (no serialization)."""
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    if len(inputs) != 1:
+        raise OnnxdnsError(f"sparse-lowrank calibrates models with one input; this one has {len(inputs)}")
+    dims = list(inputs[0].shape) if inputs[0].shape is not None else []
+    shape = tuple(dims[1:])
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in shape):
+        raise OnnxdnsError(f"input '{inputs[0].name}' needs static dimensions after the batch, got {list(shape)}")
+    return str(inputs[0].name), tuple(int(d) for d in shape)
 
 
 def calibration_inputs(calib_data: Any, shape: tuple[int, ...], samples: int, *, seed: int = 0,
@@ -72,7 +85,8 @@ def calibration_inputs(calib_data: Any, shape: tuple[int, ...], samples: int, *,
 def fit_images(images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Resize images ``[N, c, h, w]`` to ``shape`` = (C, H, W): bilinear, channels repeated if c = 1."""
     if images.ndim != 4 or len(shape) != 3 or images.shape[1] not in (1, shape[0]):
-        raise OnnxdnsError(f"calibration inputs of shape {list(images.shape[1:])} do not fit the model input {list(shape)}")
+        raise OnnxdnsError(f"calibration inputs of shape {list(images.shape[1:])} do not fit "
+                           f"the model input {list(shape)}")
     c, h, w = shape
     ah = _interpolation(images.shape[2], h)
     aw = _interpolation(images.shape[3], w)
@@ -165,7 +179,8 @@ def capture(proto: onnx.ModelProto, layers: Sequence[Layer], images: np.ndarray,
     session = runtime.make_session(prefix_model(proto, names), threads=threads)
     per_sample = images[0].size * 4 * 64
     batch = int(max(1, min(256, BATCH_BYTES // max(per_sample, 1))))
-    collected: dict[int, dict[str, list[np.ndarray]]] = {l.index: {"x": [], "z": [], "xe": [], "ze": []} for l in layers}
+    collected: dict[int, dict[str, list[np.ndarray]]] = {
+        layer.index: {"x": [], "z": [], "xe": [], "ze": []} for layer in layers}
     geometries: dict[int, Geometry] = {}
     counts: dict[int, tuple[int, int]] = {}
     for start in range(0, len(images), batch):
@@ -186,7 +201,8 @@ def capture(proto: onnx.ModelProto, layers: Sequence[Layer], images: np.ndarray,
                 held_out = image >= plan.fit_images
                 k = counts[layer.index][1 if held_out else 0]
                 rng = np.random.default_rng([seed, layer.index, image])
-                pos = rng.choice(geom.positions, size=k, replace=False) if k < geom.positions else np.arange(geom.positions)
+                pos = (rng.choice(geom.positions, size=k, replace=False) if k < geom.positions
+                       else np.arange(geom.positions))
                 xs, zs = _rows(layer.geometry, x[b], None if z is None else z[b], pos)
                 bucket = collected[layer.index]
                 bucket["xe" if held_out else "x"].append(xs)
@@ -221,7 +237,8 @@ def _observed(geometry: Geometry, x: np.ndarray) -> Geometry:
     return dataclasses.replace(geometry, input_shape=tuple(int(s) for s in x.shape[1:]), positions=int(positions))
 
 
-def _rows(geometry: Geometry, x: np.ndarray, z: np.ndarray | None, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _rows(geometry: Geometry, x: np.ndarray, z: np.ndarray | None,
+          pos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Input rows (and pre-activation rows) of one sample at output positions ``pos``."""
     if geometry.op != "Conv":
         xr = x.reshape(-1, x.shape[-1])[pos]

@@ -51,8 +51,7 @@ def build(graph: ir.Graph, geometry: Geometry, x: ir.Value, factors: Factors, ba
     branches = []
     if factors.rank:
         r = factors.rank
-        p = factors.p.astype(np.float32)
-        q = factors.q.astype(np.float32)
+        p, q = balanced(factors.p, factors.q)
         if op == "Conv":
             t = add("Conv", [x, const(q.reshape(r, geometry.in_channels, *geometry.kernel), "q")], "lowrank_in",
                     **_conv_attrs(geometry))
@@ -84,6 +83,15 @@ def build(graph: ir.Graph, geometry: Geometry, x: ir.Value, factors: Factors, ba
     if op == "MatMul" and np.any(bias != 0):
         out = add("Add", [out, const(bias, "bias")], "bias")
     return nodes, out
+
+
+def balanced(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P D, D^-1 Q`` (float32) with ``D`` diagonal so that column i of P and row i of Q have the
+    same norm: the same product, and factors on one scale for fine-tuning."""
+    pn = np.linalg.norm(p, axis=0)
+    qn = np.linalg.norm(q, axis=1)
+    scale = np.sqrt(np.where((pn > 0) & (qn > 0), qn / np.where(pn > 0, pn, 1), 1.0))
+    return (p * scale).astype(np.float32), (q / scale[:, None]).astype(np.float32)
 
 
 def replace(graph: ir.Graph, layer: Layer, factors: Factors, doc: str = "") -> list[str]:

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx import numpy_helper
 
@@ -19,7 +20,9 @@ def finetune(model: ir.Model, dataset: str, *, epochs: float, lr: float = 0.005,
 
     Runs :func:`onnxdns.training.train` with ``method="none"``, cosine learning rate from ``lr``,
     momentum 0.9, weight decay 5e-4 (``options`` override these), in a temporary folder, then
-    copies the trained initializers back. Returns the run summary (test accuracy per epoch).
+    copies the trained initializers back, unless training diverged (non-finite weights: the model
+    is then left as it was and ``diverged`` is True). Returns the run summary (test accuracy per
+    epoch).
     """
     from onnxdns.training import train
 
@@ -32,14 +35,14 @@ def finetune(model: ir.Model, dataset: str, *, epochs: float, lr: float = 0.005,
         result = train(src, dst, checkpoint_dir=Path(tmp) / "ckpt", progress=progress, threads=threads,
                        data_dir=data_dir, **config)
         trained = modelio.load_model(dst)
-    updated = 0
-    for init in trained.graph.initializer:
-        value = model.graph.initializers.get(init.name)
-        if value is None or value.const_value is None:
-            continue
-        value.const_value = ir.tensor(numpy_helper.to_array(init), name=init.name)
-        updated += 1
+    arrays = {init.name: numpy_helper.to_array(init) for init in trained.graph.initializer
+              if init.name in model.graph.initializers and model.graph.initializers[init.name].const_value is not None}
+    diverged = any(a.dtype.kind == "f" and not np.all(np.isfinite(a)) for a in arrays.values())
+    if not diverged:
+        for name, array in arrays.items():
+            model.graph.initializers[name].const_value = ir.tensor(array, name=name)
     return {
-        "epochs": epochs, "lr": lr, "steps": result.steps, "updated_initializers": updated,
-        "test_accuracy": [h.test_accuracy for h in result.history], "seconds": round(result.seconds, 1),
+        "epochs": epochs, "lr": lr, "steps": result.steps, "updated_initializers": 0 if diverged else len(arrays),
+        "diverged": diverged, "test_accuracy": [h.test_accuracy for h in result.history],
+        "seconds": round(result.seconds, 1),
     }

@@ -16,13 +16,14 @@ calibration rows, under ``rank(P Q) <= r`` and at most ``g`` groups in ``S``. AD
 an auxiliary pre-activation ``Z = X W^T + b``::
 
     W-step   W, b = argmin ||X W^T + b - (Z + U)||^2        (S + low-rank, see ``linear_fit``)
-    Z-step   Z    = argmin ||h(Z) - Y||^2 + rho/2 ||Z - (X W^T + b - U)||^2   (element-wise, closed form)
+    Z-step   Z    = argmin ||h(Z) - Y||^2 + rho/2 ||Z - (X W^T + b - U)||^2   (element-wise)
     U-step   U   += Z - (X W^T + b)
 
 with ``rho`` growing geometrically; the best iterate by the true objective is returned. The
-W-step is the *linear* problem ``min ||X W^T + b - T||^2``: after eliminating ``b`` it is
-``min ||(W - M) Sigma^(1/2)||_F^2`` with ``Sigma`` the covariance of the centred input rows (plus
-a small ridge) and ``M`` the least-squares solution. It is solved by block coordinate descent:
+W-step is the *linear* problem ``min ||X W^T + b - T||^2`` (plus a proximal term, see
+:class:`Problem`): after eliminating ``b`` it is ``min ||(W - M) Sigma^(1/2)||_F^2`` with
+``Sigma`` the covariance of the centred input rows and ``M`` the least-squares solution. It is
+solved by block coordinate descent:
 the low-rank block exactly (``L = U_r U_r^T A`` with ``U_r`` the top eigenvectors of
 ``A Sigma A^T``, ``A = M - S``), the sparse block by choosing the groups of largest
 ``Sigma``-weighted energy of ``M - L`` and refitting them exactly by least squares.
@@ -38,6 +39,7 @@ ACTIVATIONS = ("relu", "identity")
 
 
 def activate(z: np.ndarray, activation: str) -> np.ndarray:
+    """``h(z)``: ReLU or the identity."""
     return np.maximum(z, 0) if activation == "relu" else z
 
 
@@ -56,7 +58,8 @@ class LayerData:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.x.shape[1] % self.group_size:
-            raise ValueError(f"input dimension {self.x.shape[1]} is not a multiple of the group size {self.group_size}")
+            raise ValueError(f"input dimension {self.x.shape[1]} is not a multiple of the group size "
+                             f"{self.group_size}")
 
     @property
     def dim(self) -> int:
@@ -65,10 +68,6 @@ class LayerData:
     @property
     def groups(self) -> int:
         return self.dim // self.group_size
-
-    @property
-    def out_dim(self) -> int:
-        return int(self.z.shape[1])
 
 
 @dataclasses.dataclass
@@ -158,6 +157,16 @@ class Problem:
         self.xc = xc
         k = self.group_size
         self.blocks = np.stack([sigma[c * k:(c + 1) * k, c * k:(c + 1) * k] for c in range(self.groups)])
+        self._support: tuple[bytes, np.ndarray] | None = None
+
+    def support_inverse(self, keep_idx: np.ndarray) -> np.ndarray:
+        """``Sigma[J, J]^-1`` for the columns ``J`` of the groups ``keep_idx`` (the last one is cached:
+        inside ADMM the kept groups stop changing)."""
+        key = keep_idx.tobytes()
+        if self._support is None or self._support[0] != key:
+            cols = _cols(keep_idx, self.group_size)
+            self._support = (key, _spd_inverse(self.sigma[np.ix_(cols, cols)]))
+        return self._support[1]
 
     def least_squares(self, target: np.ndarray, w_prev: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,23 +192,25 @@ def linear_fit(problem: Problem, target: np.ndarray, rank: int, keep: int, *, in
     Block coordinate descent, ``inner`` rounds of (low-rank block, sparse block). ``support``
     fixes the kept groups; otherwise they are re-chosen in every sparse step. The first round
     starts from ``warm``'s sparse part when it keeps as many groups, else from ``S = 0``
-    (``start="lowrank"``) or from the sparse-only fit (``start="sparse"``).
+    (``start="lowrank"``) or from the sparse-only fit (``start="sparse"``). ``precomputed`` is
+    :meth:`Problem.least_squares` of ``target`` when the caller already has it.
     """
     if precomputed is None:
         precomputed = problem.least_squares(target, None if warm is None else warm.dense(problem.dim))
-    m_ls, cross, t_mean = precomputed
+    m_ls, cross, t_mean = precomputed  # cross = M Sigma
     m_out, d = m_ls.shape
     rank = int(min(rank, m_out, d))
     keep = int(min(keep, problem.groups))
     k = problem.group_size
+    sigma = problem.sigma
     p, q = np.zeros((m_out, 0)), np.zeros((0, d))
 
     def sparse_step(keep_idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        resid = m_ls - p @ q if rank else m_ls
-        resid_sigma = cross - p @ (q @ problem.sigma) if rank else cross
-        idx = _select_groups(resid, problem, keep) if keep_idx is None else keep_idx
-        cols = _cols(idx, k)
-        return idx, np.linalg.solve(problem.sigma[np.ix_(cols, cols)], resid_sigma[:, cols].T).T
+        if keep_idx is None:
+            keep_idx = _select_groups(m_ls - p @ q if rank else m_ls, problem, keep)
+        cols = _cols(keep_idx, k)
+        rhs = cross[:, cols] - p @ (q @ sigma[:, cols]) if rank else cross[:, cols]
+        return keep_idx, rhs @ problem.support_inverse(keep_idx)
 
     keep_idx = np.sort(np.asarray(support, dtype=np.int64)) if support is not None else np.zeros(0, np.int64)
     s_cols = np.zeros((m_out, keep_idx.size * k))
@@ -211,9 +222,12 @@ def linear_fit(problem: Problem, target: np.ndarray, rank: int, keep: int, *, in
     for _ in range(rounds):
         if rank:
             a = m_ls.copy()
+            a_sigma = cross.copy()
             if keep_idx.size:
-                a[:, _cols(keep_idx, k)] -= s_cols
-            p, q = _top_subspace(a, problem.sigma, rank)
+                cols = _cols(keep_idx, k)
+                a[:, cols] -= s_cols
+                a_sigma -= s_cols @ sigma[cols, :]
+            p, q = _top_subspace(a, a_sigma, rank)
         if keep:
             keep_idx, s_cols = sparse_step(None if support is None else keep_idx)
     w = (p @ q) if rank else np.zeros((m_out, d))
@@ -242,9 +256,10 @@ def _cols(keep_idx: np.ndarray, k: int) -> np.ndarray:
     return (keep_idx[:, None] * k + np.arange(k)[None, :]).reshape(-1)
 
 
-def _top_subspace(a: np.ndarray, sigma: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best rank-``rank`` approximation of ``a`` in the ``Sigma`` metric: ``P = U_r``, ``Q = U_r^T a``."""
-    gram = (a @ sigma) @ a.T
+def _top_subspace(a: np.ndarray, a_sigma: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-``rank`` approximation of ``a`` in the ``Sigma`` metric (``a_sigma = a Sigma``):
+    ``P = U_r``, ``Q = U_r^T a`` with ``U_r`` the top eigenvectors of ``a Sigma a^T``."""
+    gram = a_sigma @ a.T
     gram = (gram + gram.T) / 2
     vals, vecs = np.linalg.eigh(gram)
     u = vecs[:, ::-1][:, :rank]
@@ -301,8 +316,8 @@ class AdmmResult:
     eval_error: float
 
 
-def admm(problem: Problem, rank: int, keep: int, *, iterations: int = 30, rho: float = 1.0,
-         growth: float = 1.15, inner: int = 2, freeze_support: float = 0.5) -> AdmmResult:
+def admm(problem: Problem, rank: int, keep: int, *, iterations: int = 10, rho: float = 1.0,
+         growth: float = 1.4, inner: int = 2, freeze_support: float = 0.5) -> AdmmResult:
     """Fit ``rank`` + ``keep`` groups minimising the post-activation error with ADMM.
 
     ``freeze_support`` is the fraction of the iterations after which the kept groups stop

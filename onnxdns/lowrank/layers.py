@@ -83,6 +83,7 @@ class Layer:
     activation: str  # "relu" | "identity"
     input_name: str
     output_name: str  # the node's output (pre-activation)
+    activated_name: str  # the activation's output (the node's output when there is none)
 
 
 def find_layers(graph: ir.Graph) -> tuple[list[Layer], dict[str, str]]:
@@ -99,8 +100,10 @@ def find_layers(graph: ir.Graph) -> tuple[list[Layer], dict[str, str]]:
             skipped[name] = str(e)
             continue
         out = node.outputs[0]
-        layers.append(Layer(len(layers), name, node, geometry, weight, bias, _activation(out),
-                            node.inputs[0].name, out.name))
+        activation = _activation(out)
+        activated = next(iter(out.uses())).node.outputs[0].name if activation == "relu" else out.name
+        layers.append(Layer(len(layers), name, node, geometry, weight, bias, activation,
+                            node.inputs[0].name, out.name, activated))
     return layers, skipped
 
 

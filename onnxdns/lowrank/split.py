@@ -28,6 +28,7 @@ from onnxdns.lowrank import calibration, emit
 from onnxdns.lowrank.cost import NODE_US, PEAK_MACS, option_cost
 from onnxdns.lowrank.fit import LayerData, Problem, admm, post_activation_error, truncated_svd
 from onnxdns.lowrank.layers import Geometry, Layer, find_layers
+from onnxdns.lowrank.sensitivity import sensitivities
 from onnxdns.stats import model_stats
 
 
@@ -40,14 +41,15 @@ class Settings:
     cost: str = "latency"
     cost_batch: int = 8
     round_to: int = 1
-    iterations: int = 30
+    iterations: int = 10
     ridge: float = 1e-3
-    rows_per_dim: float = 4.0
+    rows_per_dim: float = 8.0
     min_rows: int = 1024
     max_rows: int = 16384
     eval_fraction: float = 0.2
     max_dim: int = 8192
     skip: tuple[str, ...] = ()
+    sensitivity: bool = True
     capture_bytes: int = 1 << 29
     seed: int = 0
     threads: int = 0
@@ -121,6 +123,14 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
             tick("estimate", 1)
             del data, problem, r
         gc.collect()
+    weights = {p.layer.index: 1.0 for p in planned}
+    if settings.sensitivity and planned and plan.eval_images:
+        sens = sensitivities(proto, [p.layer for p in planned], images[plan.fit_images:], seed=settings.seed,
+                             threads=settings.threads)
+        mean = float(np.mean(list(sens.values()))) or 1.0
+        weights = {i: max(v / mean, 1e-6) for i, v in sens.items()}
+        for p in planned:
+            p.table = [dataclasses.replace(o, error=o.error * weights[p.layer.index]) for o in p.table]
     proto = None  # free the copy before phase 2 makes its own
 
     dense_total = sum(p.table[-1].cost for p in planned)
@@ -143,7 +153,7 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
     for p, i in zip(planned, choice):
         option = p.table[i]
         layer, geometry = p.layer, p.geometry
-        row = _row(layer, geometry, option)
+        row = _row(layer, geometry, option, weights[layer.index])
         if option.dense:
             row.update(status="dense", reason="the allocation kept this layer dense")
             reports.append(row)
@@ -158,7 +168,7 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
         problem = Problem(data, layer.weight, settings.ridge)
         result = admm(problem, option.rank, option.keep, iterations=settings.iterations)
         row.update(status="split", rel_error=result.eval_error, rel_error_fit=result.fit_error,
-                   rel_error_linear=result.history[0], admm_history=[round(h, 6) for h in result.history],
+                   rel_error_fit_linear=result.history[0], admm_history=[round(h, 6) for h in result.history],
                    best_iteration=result.best_iteration, kept_groups=[int(c) for c in result.factors.keep])
         if settings.compare:
             row["baselines"] = _baselines(problem, layer, geometry, option, settings)
@@ -175,17 +185,20 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
     split = [r for r in reports if r["status"] == "split"]
     return {
         "target": {"speedup": settings.target_speedup, "compression": settings.target_compression,
-                   "cost": settings.cost_kind, "cost_batch": settings.cost_batch if settings.cost_kind == "latency" else None,
+                   "cost": settings.cost_kind,
+                   "cost_batch": settings.cost_batch if settings.cost_kind == "latency" else None,
                    "reached": feasible, "estimated_ratio": round(estimated, 3),
                    "params_ratio": round(stats.params / max(params_after, 1), 3)},
         "layers": reports,
         "split_layers": len(split),
         "skipped": skipped,
-        "macs": {"before": int(sum(r["macs_before"] for r in reports)), "after": int(sum(r["macs_after"] for r in reports))},
+        "macs": {"before": int(sum(r["macs_before"] for r in reports)),
+                 "after": int(sum(r["macs_after"] for r in reports))},
         "params": {"before": int(sum(r["params_before"] for r in reports)),
                    "after": int(sum(r["params_after"] for r in reports))},
         "calibration": {"images": len(images), "fit_images": plan.fit_images, "eval_images": plan.eval_images},
-        "seconds": {"estimate_and_allocate": round(t_alloc - t_start, 2), "fit": round(time.perf_counter() - t_alloc, 2)},
+        "seconds": {"estimate_and_allocate": round(t_alloc - t_start, 2),
+                    "fit": round(time.perf_counter() - t_alloc, 2)},
     }
 
 
@@ -230,11 +243,12 @@ def _fixed_cost(settings: Settings, stats, planned: list[_Planned]) -> float:
     other_macs = max(0, stats.macs - sum(p.geometry.macs(None, 0) for p in planned))
     if kind == "macs":
         return float(other_macs)
-    other_nodes = max(0, stats.nodes - len(planned))
+    fused = sum(1 for p in planned if p.layer.activation == "relu")  # onnxruntime fuses them into the layer
+    other_nodes = max(0, stats.nodes - len(planned) - fused)
     return other_macs * settings.cost_batch / PEAK_MACS + NODE_US * other_nodes
 
 
-def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option) -> dict[str, Any]:
+def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option, weight: float) -> dict[str, Any]:
     g = geometry
     return {
         "name": layer.name, "op": g.op, "in_channels": g.in_channels, "out_channels": g.out_channels,
@@ -242,13 +256,14 @@ def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option) -> dict[st
         "rank": option.rank, "keep": option.keep if not option.dense else g.in_channels,
         "macs_before": g.macs(None, 0), "macs_after": option.macs,
         "params_before": g.params(None, 0), "params_after": option.params,
-        "estimated_error": round(float(np.sqrt(option.error)), 6),
+        "estimated_error": round(float(np.sqrt(option.error / weight)), 6), "sensitivity": round(weight, 4),
     }
 
 
 def _baselines(problem: Problem, layer: Layer, geometry: Geometry, option: budget_mod.Option,
                settings: Settings) -> dict[str, Any]:
-    """Errors at (at least) the chosen option's MACs of low-rank only and sparse only fits."""
+    """Errors at (at least) the chosen option's MACs of low-rank only (truncated SVD; ADMM), sparse only
+    (ADMM) and the best of three mixed splits (ADMM; the low-rank part taking 1/4, 1/2, 3/4 of the MACs)."""
     data = problem.data
     target = option.macs
     out: dict[str, Any] = {}
@@ -263,4 +278,15 @@ def _baselines(problem: Problem, layer: Layer, geometry: Geometry, option: budge
     if keep is not None:
         res = admm(problem, 0, keep, iterations=settings.iterations)
         out["sparse_admm"] = {"keep": keep, "macs": geometry.macs(0, keep), "rel_error": res.eval_error}
+    for share in (0.25, 0.5, 0.75):  # both parts: the low-rank part takes this share of the MACs
+        rank = max((r for r in range(1, geometry.full_rank + 1) if geometry.macs(r, 0) <= share * target), default=None)
+        if rank is None:
+            continue
+        keep = next((g for g in range(1, geometry.in_channels) if geometry.macs(rank, g) >= target), None)
+        if keep is None:
+            continue
+        res = admm(problem, rank, keep, iterations=settings.iterations)
+        if "mixed_admm" not in out or res.eval_error < out["mixed_admm"]["rel_error"]:
+            out["mixed_admm"] = {"rank": rank, "keep": keep, "macs": geometry.macs(rank, keep),
+                                 "rel_error": res.eval_error}
     return out

@@ -4,6 +4,8 @@ Methods:
 
 * ``dns``: Dynamic Network Surgery (:mod:`onnxdns.training.dns`), straight-through gradients;
 * ``magnitude``: Han et al.'s iterative magnitude pruning (:mod:`onnxdns.training.magnitude`);
+* ``slim``: Network Slimming sparsity training, an L1 penalty on BatchNorm scales
+  (:mod:`onnxdns.training.slim`);
 * ``none``: plain training (no masks are added; masks already in the model stay frozen).
 
 The output is an inference model with the input's graph and its masks as initializers read through
@@ -11,6 +13,10 @@ The output is an inference model with the input's graph and its masks as initial
 checkpoint folder (default ``<output stem>.ckpt`` beside the output): the artifacts, the masked
 model, the run configuration, and a checkpoint after every epoch and on Ctrl-C, from which
 ``resume=`` continues exactly.
+
+BatchNormalization trains with batch statistics (``batchnorm="train"``, the default of ``slim``;
+running statistics are written back into the checkpoint after every step) or with its stored
+statistics (``"frozen"``, the default of the other methods); the output runs it in inference mode.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from onnx import numpy_helper
 from onnxdns import modelio
 from onnxdns.errors import OnnxdnsError
 from onnxdns.training import artifacts as artifacts_mod
-from onnxdns.training.config import DATASETS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
+from onnxdns.training import batchnorm as batchnorm_mod
+from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
 from onnxdns.training.loop import Dataset, EpochRecord, Trainer, checkpoint_paths, steps_for
 from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
@@ -88,6 +95,8 @@ def train(
     method = get_method(config)
     if resume is None:
         model = method.prepare(modelio.load_model(input_path))
+        if (config.batchnorm or method.batchnorm) == "train":
+            model = batchnorm_mod.to_training_mode(model)
         run_info = {"config": dataclasses.asdict(config), "input_sha256": _sha256(Path(input_path)),
                     "input_path": str(input_path), "output_path": str(out)}
     else:
@@ -128,7 +137,8 @@ def train(
 
     written = None
     if not outcome.interrupted:
-        written = modelio.save_model(inference_model(model, session), out, protect=(input_path,))
+        final = batchnorm_mod.to_inference_mode(inference_model(model, session))
+        written = modelio.save_model(final, out, protect=(input_path,))
     summary: dict[str, Any] = {}
     for hook in hooks:
         summary.update(hook.summary())
@@ -201,6 +211,8 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
 def _validate(config: TrainConfig) -> None:
     if config.data not in DATASETS:
         raise OnnxdnsError(f"unknown data '{config.data}'; choose one of: {', '.join(DATASETS)}")
+    if config.batchnorm is not None and config.batchnorm not in BATCHNORM_MODES:
+        raise OnnxdnsError(f"unknown batchnorm mode '{config.batchnorm}'; choose one of: {', '.join(BATCHNORM_MODES)}")
     if config.schedule not in SCHEDULES:
         raise OnnxdnsError(f"unknown schedule '{config.schedule}'; choose one of: {', '.join(SCHEDULES)}")
     if config.batch_size < 1:

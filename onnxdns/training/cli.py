@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from onnxdns.training.config import DATASETS, METHODS, SCHEDULES, TrainConfig
+from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_SMOOTH_BETA, METHODS, SCHEDULES, TrainConfig
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 _DEFAULTS = TrainConfig()
@@ -37,10 +37,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, help=f"L2 weight decay{_default('weight_decay')}")
     parser.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule{_default('schedule')}")
     parser.add_argument("--lr-gamma", type=float, help="step: factor per step (0.1); inv: gamma (1e-4)")
-    parser.add_argument("--lr-step", type=int, help="step schedule: steps between decays (default: a third of the run)")
+    parser.add_argument("--lr-step", type=int, help="step schedule: steps between decays (default: a third of the run); "
+                                                      "cosine: steps at full lr before the decay (default: 0)")
     parser.add_argument("--seed", type=int, help=f"data order and surgery randomness{_default('seed')}")
     parser.add_argument("--subset", type=int, help="train on this many examples drawn from the training split")
     parser.add_argument("--test-subset", type=int, help="evaluate on this many examples of the test split")
+    parser.add_argument("--batchnorm", choices=BATCHNORM_MODES,
+                        help="BatchNorm statistics while training: batch statistics with running statistics written "
+                             "back (train), or the stored ones (frozen) (default: train for slim, frozen otherwise)")
     parser.add_argument("--prune-biases", action=argparse.BooleanOptionalAction, default=None,
                         help="mask biases too (default: yes for dns, as the reference; no for magnitude)")
     dns = parser.add_argument_group("dns", "Dynamic Network Surgery")
@@ -56,12 +60,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     mag.add_argument("--sparsity", metavar="SPEC", help="final sparsity per layer, e.g. 'conv=0.6,fc=0.9' (the default)")
     mag.add_argument("--quality", type=float, help="prune |w| < quality x std of the layer instead of a sparsity")
     mag.add_argument("--rounds", type=int, help=f"prune-retrain rounds{_default('rounds')}")
+    add_slim_penalty_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                      help="artifacts and checkpoints (default: OUT.ckpt beside the output)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
     run.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_slim_penalty_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--slim-lambda``, ``--smooth-l1`` and ``--smooth-l1-beta`` (dest ``slim_lambda``, ``smooth_l1``)."""
+    slim = parser.add_argument_group("slim", "Network Slimming sparsity training (Liu et al. 2017)")
+    slim.add_argument("--slim-lambda", type=float, metavar="L",
+                      help=f"weight of the L1 penalty on BatchNorm scales{_default('slim_lambda')}")
+    slim.add_argument("--smooth-l1", dest="smooth_l1", action="store_const", const=DEFAULT_SMOOTH_BETA,
+                      help=f"smooth penalty sqrt(gamma^2 + beta^2) - beta (beta {DEFAULT_SMOOTH_BETA:g})")
+    slim.add_argument("--smooth-l1-beta", dest="smooth_l1", type=float, metavar="BETA",
+                      help="smooth penalty with this beta")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -93,6 +109,11 @@ def format_result(result) -> str:
     summary = result.method_summary
     if "spliced" in summary:
         lines.append(f"surgery: {summary['pruned']} prunings, {summary['spliced']} splicings")
+    if "slim" in summary:
+        s = summary["slim"]
+        q = s["abs_gamma_quantiles"]
+        lines.append(f"BatchNorm |gamma| over {s['bn_channels']} channels: {s['small_fraction']:.1%} below 0.01; "
+                     f"quantiles 10% {q['q10']:.3g}, 50% {q['q50']:.3g}, 90% {q['q90']:.3g}; penalty {s['penalty']:.4g}")
     if result.output is not None:
         lines.append(f"{result.method}: {result.steps} steps in {result.seconds:.1f} s -> {result.output}")
     return "\n".join(lines)

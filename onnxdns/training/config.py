@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
-METHODS = ("dns", "magnitude", "none")
+METHODS = ("dns", "magnitude", "slim", "none")
 DATASETS = ("mnist", "fashion-mnist")
 SCHEDULES = ("constant", "step", "cosine", "inv")
+#: BatchNormalization during training: batch statistics with running statistics written back
+#: ("train", torch's model.train()) or the stored statistics ("frozen", model.eval()).
+BATCHNORM_MODES = ("train", "frozen")
 DEFAULT_EPOCHS = 10.0
 #: DNS surgery probability (1 + gamma * t) ** -power: the reference README's LeNet-5 example.
 DEFAULT_DNS_GAMMA = 1e-4
 DEFAULT_DNS_POWER = 1.0
+#: Network Slimming: the reference's sparsity rate for VGG (``-sr --s 0.0001``), and ``beta`` of
+#: the smooth penalty when ``--smooth-l1`` is given without one.
+DEFAULT_SLIM_LAMBDA = 1e-4
+DEFAULT_SMOOTH_BETA = 1e-3
 
 
 @dataclasses.dataclass
@@ -44,3 +51,6 @@ class TrainConfig:
     sparsity: str | float | dict[str, float] | None = None
     quality: float | None = None
     rounds: int = 3
+    batchnorm: str | None = None  # None: the method's default ("train" for slim, "frozen" otherwise)
+    slim_lambda: float = DEFAULT_SLIM_LAMBDA  # Network Slimming: lambda * sum |gamma| over BatchNorm scales
+    smooth_l1: float | None = None  # slim: beta of the smooth penalty sqrt(gamma^2 + beta^2) - beta

@@ -7,8 +7,10 @@ A method answers three questions; the shared machinery (artifacts, loop, checkpo
   cross-entropy);
 * :meth:`Method.hooks`: what runs around each optimizer step.
 
-A new method (Network Slimming: an L1 penalty on BatchNorm scales in the loss, BatchNorm in training
-mode with running statistics written back by the loop) is one more subclass in :data:`METHOD_CLASSES`.
+A method also says how BatchNormalization trains by default (:attr:`Method.batchnorm`: ``"train"``,
+batch statistics with running statistics written back by the loop, or ``"frozen"``). Network
+Slimming (``slim``: an L1 penalty on BatchNorm scales in the loss, BatchNorm in training mode) is
+one more subclass in :data:`METHOD_CLASSES`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from onnxdns.training.dns import DEFAULT_C, DNSPruner, LayerSettings, parse_laye
 from onnxdns.training.loop import Hook
 from onnxdns.training.magnitude import DEFAULT_SPARSITY, MagnitudePruner
 from onnxdns.training.params import ParameterSet
+from onnxdns.training.slim import ScaleMonitor, sparsity_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_masks: ClassVar[bool] = False
+    #: BatchNormalization mode when the configuration does not choose (see ``TrainConfig.batchnorm``).
+    batchnorm: ClassVar[str] = "frozen"
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -102,7 +107,21 @@ class Magnitude(_Pruning):
         return [MagnitudePruner(params.layers, total_steps, rounds=cfg.rounds, sparsity=sparsity, quality=cfg.quality)]
 
 
-METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (DNS, Magnitude, Dense)}
+class Slim(Method):
+    """``slim``: Network Slimming sparsity training, ``loss + slim_lambda * sum |gamma|`` over every
+    trainable BatchNorm scale (or the smooth form), BatchNorm in training mode; no masks."""
+
+    name = "slim"
+    batchnorm = "train"
+
+    def artifact_options(self, params: ParameterSet) -> ArtifactOptions:
+        return ArtifactOptions(loss=sparsity_loss(params.scales, self.config.slim_lambda, self.config.smooth_l1))
+
+    def hooks(self, params: ParameterSet, total_steps: int) -> list[Hook]:
+        return [ScaleMonitor(params.scales, self.config.slim_lambda, self.config.smooth_l1)]
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (DNS, Magnitude, Slim, Dense)}
 
 
 def get_method(config: TrainConfig) -> Method:

@@ -50,7 +50,9 @@ class LRSchedule:
     * ``constant``: ``lr``;
     * ``step``: ``lr * gamma ** (step // step_size)`` (gamma 0.1; ``step_size`` defaults to a third
       of the run);
-    * ``cosine``: from ``lr`` to ``min_lr`` over ``total_steps`` (half a cosine);
+    * ``cosine``: from ``lr`` to ``min_lr`` over ``total_steps`` (half a cosine); with ``step_size``
+      S, ``lr`` is held for the first S steps and the half cosine spans the remaining ones (e.g. DNS:
+      constant while the masks change, then a decay over the fine-tuning);
     * ``inv``: Caffe's ``lr * (1 + gamma * step) ** -power`` (gamma 1e-4, power 0.75: the LeNet
       solver of Caffe).
     """
@@ -78,6 +80,7 @@ class LRSchedule:
             size = self.step_size or max(1, self.total_steps // 3)
             return self.lr * (0.1 if self.gamma is None else self.gamma) ** (step // size)
         if self.kind == "cosine":
-            t = min(step, self.total_steps) / max(1, self.total_steps)
+            hold = min(self.step_size or 0, self.total_steps)
+            t = min(max(step - hold, 0), self.total_steps - hold) / max(1, self.total_steps - hold)
             return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
         return self.lr * (1.0 + (1e-4 if self.gamma is None else self.gamma) * step) ** (-self.power)

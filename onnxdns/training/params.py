@@ -48,6 +48,8 @@ class ParameterSet:
     #: Training-graph output -> frozen parameter to overwrite with it after every step
     #: (running statistics of BatchNormalization nodes in training mode).
     writeback: dict[str, str]
+    #: Trainable BatchNormalization scales (gamma), in graph order (Network Slimming's penalty).
+    scales: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def masks(self) -> list[str]:
@@ -151,7 +153,12 @@ def select_parameters(model: onnx.ModelProto) -> ParameterSet:
     frozen_names = masks | running_stats
     trainable = [n for n in inits if n in candidates and n not in frozen_names]
     frozen = [n for n in inits if n in frozen_names]
-    return ParameterSet(trainable=trainable, frozen=frozen, layers=layers, writeback=batchnorm_writeback(model))
+    trainable_set = set(trainable)
+    scales = list(dict.fromkeys(n.input[1] for n in model.graph.node
+                                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+                                and len(n.input) > 1 and n.input[1] in trainable_set))
+    return ParameterSet(trainable=trainable, frozen=frozen, layers=layers, writeback=batchnorm_writeback(model),
+                        scales=scales)
 
 
 def layer_density(masks: dict[str, np.ndarray], layer: MaskedLayer) -> float:
