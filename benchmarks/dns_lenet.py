@@ -107,16 +107,16 @@ CAFFE_LENET_SOLVER: dict[str, Any] = {"method": "none", "iterations": 10_000, "s
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "lenet-5": {
         "dense": CAFFE_LENET_SOLVER,
-        "dense-continued": {"method": "none", "iterations": 16_000, "schedule": "cosine", "lr": 0.01},
-        "dns": {"method": "dns", "iterations": 16_000, "schedule": "cosine", "lr": 0.01,
-                "dns_phases": "conv:4000,fc:6000", "dns_c": "conv1=1.7,conv2=5.5,fc1=9,fc2=3"},
-        "magnitude": {"method": "magnitude", "iterations": 16_000, "schedule": "cosine", "lr": 0.01, "rounds": 3},
+        "dense-continued": {"method": "none", "iterations": 16_000, "schedule": "cosine", "lr": 0.02},
+        "dns": {"method": "dns", "iterations": 16_000, "schedule": "cosine", "lr": 0.02,
+                "dns_phases": "conv:4000,fc:6000", "dns_c": "conv1=1.2,conv2=5.5,fc1=8.5,fc2=2.5"},
+        "magnitude": {"method": "magnitude", "iterations": 16_000, "schedule": "cosine", "lr": 0.02, "rounds": 3},
     },
     "lenet-300-100": {
         "dense": CAFFE_LENET_SOLVER,
         "dense-continued": {"method": "none", "iterations": 25_000, "schedule": "cosine", "lr": 0.02},
         "dns": {"method": "dns", "iterations": 25_000, "schedule": "cosine", "lr": 0.02,
-                "dns_phases": "fc:12500", "dns_c": "fc1=7,fc2=5,fc3=3.5"},
+                "dns_phases": "fc:8000", "dns_c": "fc1=6.7,fc2=3.5,fc3=3"},
         "magnitude": {"method": "magnitude", "iterations": 25_000, "schedule": "cosine", "lr": 0.02, "rounds": 3},
     },
 }

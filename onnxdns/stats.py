@@ -12,7 +12,9 @@ Counting rules (batch 1; symbolic dimensions of graph inputs are set to 1 before
 A layer's parameters are its constant weight and bias inputs (a weight computed as
 ``Mul(W, mask)`` of two constants counts as the product, so masked models show their real
 non-zeros). Model totals count every float tensor stored in the model: initializers (sparse
-ones densified) and ``Constant`` nodes' values.
+ones densified) and ``Constant`` nodes' values, except that a ``Mul`` of two stored constants
+(a weight and its training mask) counts once, as its product: a masked model has as many
+parameters as the dense one, and the non-zeros of ``W * mask``.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None) -> Mod
         for i, node in enumerate(model.graph.node)
         if node.domain in ("", "ai.onnx") and node.op_type in LAYER_OPS
     )
-    floats = [array for array in stored.values() if array.dtype.kind == "f"]
+    floats = _model_tensors(model.graph, constants, stored)
     counted = [layer for layer in layers if layer.op in COUNTED_OPS]
     known = [layer.macs for layer in counted if layer.macs is not None]
     return ModelStats(
@@ -103,6 +105,38 @@ def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None) -> Mod
 
 
 # --------------------------------------------------------------------------- constants
+
+
+def _model_tensors(graph: onnx.GraphProto, constants: dict[str, np.ndarray],
+                   stored: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The float tensors the model totals count: stored tensors, with each ``Mul`` of two stored
+    float constants (weight x mask) replaced by its product when the operands are read nowhere
+    else."""
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    merged: dict[str, np.ndarray] = {}
+    replaced: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if a == b or a not in constants or b not in constants or a in replaced or b in replaced:
+            continue
+        x, y = constants[a], constants[b]
+        if x.dtype.kind != "f" or y.dtype.kind != "f" or readers.get(a) != 1 or readers.get(b) != 1:
+            continue
+        try:
+            product = x * y
+        except ValueError:
+            continue
+        if product.size != max(x.size, y.size):
+            continue
+        merged[node.output[0]] = product
+        replaced.update((a, b))
+    kept = [array for name, array in stored.items() if name not in replaced and array.dtype.kind == "f"]
+    return kept + list(merged.values())
 
 
 def _stored_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

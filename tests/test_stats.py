@@ -126,7 +126,7 @@ def test_sparse_initializer_is_densified():
     assert (s.params, s.nonzeros) == (80, 2)
 
 
-def test_masked_weight_counts_the_product_and_totals_count_every_float_tensor():
+def test_masked_weight_counts_the_product_once_and_totals_count_every_float_tensor():
     w = np.full((3, 2, 1, 1), 2.0, np.float32)
     mask = np.ones_like(w)
     mask[0] = 0
@@ -143,9 +143,9 @@ def test_masked_weight_counts_the_product_and_totals_count_every_float_tensor():
     s = model_stats(m)
     (layer,) = s.layers
     assert (layer.params, layer.nonzeros, layer.weight_shape, layer.macs) == (6, 4, (3, 2, 1, 1), 3 * 2)
-    # floats: W 6 + mask 6 + k2 3 + Constant k 2 (int64 shape constant not counted)
-    assert s.params == 17
-    assert s.nonzeros == 6 + 4 + 0 + 1
+    # floats: W*mask 6 (the mask is not a parameter) + k2 3 + Constant k 2 (int64 shape not counted)
+    assert s.params == 11
+    assert s.nonzeros == 4 + 0 + 1
     assert s.nodes == 6
 
 
