@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -50,6 +49,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from onnxdns.modelio import file_sha256
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -139,14 +140,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def rel(path: Path) -> str:
     """``path`` relative to the repository (absolute when outside it)."""
     try:
@@ -173,7 +166,7 @@ class Stage:
         return PATHS.stages / f"{self.name}.json"
 
     def key(self) -> dict[str, Any]:
-        return {"config": self.config, "inputs": {rel(p): sha256(p) for p in self.inputs}}
+        return {"config": self.config, "inputs": {rel(p): file_sha256(p) for p in self.inputs}}
 
     def cached(self) -> dict[str, Any] | None:
         if not self.record_path.exists() or not all(p.exists() for p in self.outputs):
@@ -181,7 +174,7 @@ class Stage:
         record = json.loads(self.record_path.read_text())
         if record.get("key") != self.key():
             return None
-        if any(sha256(p) != record.get("outputs", {}).get(rel(p)) for p in self.outputs):
+        if any(file_sha256(p) != record.get("outputs", {}).get(rel(p)) for p in self.outputs):
             return None
         return record["result"]
 
@@ -194,7 +187,7 @@ class Stage:
         start = time.perf_counter()
         result = self.run()
         result.setdefault("stage_seconds", round(time.perf_counter() - start, 1))
-        record = {"key": self.key(), "outputs": {rel(p): sha256(p) for p in self.outputs}, "result": result}
+        record = {"key": self.key(), "outputs": {rel(p): file_sha256(p) for p in self.outputs}, "result": result}
         PATHS.stages.mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))

@@ -12,6 +12,7 @@ pass).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -153,6 +154,15 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
 
 
 # --------------------------------------------------------------------------- ONNX <-> onnx-ir
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (cache keys of training runs and stages)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def sparse_to_array(sp: onnx.SparseTensorProto) -> np.ndarray:

@@ -24,7 +24,6 @@ after it (so several prune ratios can share one sparsity training). ``fresh=True
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -158,7 +157,7 @@ def slim(
     shared = {**TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}, "data": data}
     lr = TRAIN_DEFAULTS["lr"] if lr is None else lr
     settings = {
-        "sparse": {"input_sha256": _sha256(src), **shared, "method": "slim", "epochs": epochs, "lr": lr,
+        "sparse": {"input_sha256": modelio.file_sha256(src), **shared, "method": "slim", "epochs": epochs, "lr": lr,
                    "slim_lambda": slim_lambda, "smooth_l1": smooth_l1},
         "prune": {"ratio": None if threshold is not None else prune_ratio, "threshold": threshold,
                   "min_keep": min_keep, "min_keep_ratio": min_keep_ratio, "round_to": round_to},
@@ -297,7 +296,7 @@ def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.P
     if run.exists():
         try:
             info = json.loads(run.read_text())
-            same = info["input_sha256"] == _sha256(src) and all(
+            same = info["input_sha256"] == modelio.file_sha256(src) and all(
                 info["config"].get(k) == v for k, v in _jsonable(options).items())
         except (ValueError, KeyError, TypeError):
             same = False
@@ -332,14 +331,6 @@ def evaluate_accuracy(model: onnx.ModelProto | str | os.PathLike, dataset, *, ba
         logits = session.run(None, {name: np.asarray(dataset.images[i:i + batch], dtype=np.float32)})[0]
         hits += int(np.count_nonzero(logits.argmax(axis=1) == dataset.labels[i:i + batch]))
     return hits / max(1, len(dataset.labels))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -22,7 +22,6 @@ statistics (``"frozen"``, the default of the other methods); the output runs it 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -97,7 +96,7 @@ def train(
         model = method.prepare(modelio.load_model(input_path))
         if (config.batchnorm or method.batchnorm) == "train":
             model = batchnorm_mod.to_training_mode(model)
-        run_info = {"config": dataclasses.asdict(config), "input_sha256": _sha256(Path(input_path)),
+        run_info = {"config": dataclasses.asdict(config), "input_sha256": modelio.file_sha256(input_path),
                     "input_path": str(input_path), "output_path": str(out)}
     else:
         model = modelio.load_model(ckpt_dir / MODEL_FILE)
@@ -201,7 +200,7 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
     for key, value in given.items():
         if getattr(saved, key) != value:
             raise OnnxdnsError(f"resume: {key}={value!r} differs from the checkpoint's {getattr(saved, key)!r}")
-    if input_path is not None and Path(input_path).exists() and _sha256(Path(input_path)) != run["input_sha256"]:
+    if input_path is not None and Path(input_path).exists() and modelio.file_sha256(input_path) != run["input_sha256"]:
         raise OnnxdnsError(f"resume: {input_path} is not the model this checkpoint was trained from")
     src = Path(input_path) if input_path is not None else Path(run["input_path"])
     out = Path(output_path) if output_path is not None else Path(run["output_path"])
@@ -238,14 +237,6 @@ def _check_output(out: Path, src: Path) -> None:
         raise OnnxdnsError(f"{out}: is a directory; give an output file name")
     if not out.parent.exists():
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_data(config: TrainConfig, model: onnx.ModelProto, data_dir) -> tuple[Dataset, Dataset]:
