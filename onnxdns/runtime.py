@@ -26,15 +26,20 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
     optimization: str = "all",
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` for a model proto, serialized bytes or a path.
 
     ``threads=0`` lets onnxruntime pick (all cores); ``optimization`` is one of
-    ``disable|basic|extended|all``.
+    ``disable|basic|extended|all``. ``spinning=False`` makes the intra-op pool's threads sleep
+    instead of spin-waiting for work after a run (needed when several sessions run in turn, see
+    :func:`onnxdns.validate.measure_latency`).
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -2,7 +2,11 @@
 
 Both models run in the same process on the same inputs. Latency is measured side by side
 (:func:`measure_latency`): warm-up runs, then interleaved A/B repeats (the order alternates
-every repeat so neither model always runs on a warmer cache), reporting the median.
+every repeat so neither model always runs on a warmer cache), reporting the median. Sessions
+made for a comparison do not spin-wait: each session owns an intra-op thread pool, and a pool
+still spinning after its run takes cores from the next session (measured on this 2-core
+machine, the Fashion-MNIST VGG-16 of benchmarks/sparse_lowrank.py at batch 64 on two threads:
+68 ms per run interleaved with two other sessions when they spin, 31 ms when they do not).
 """
 
 from __future__ import annotations
@@ -114,8 +118,8 @@ def compare(
         raise OnnxdnsError(f"batch must be a positive integer, got {batch}")
     if samples is not None and samples < 1:
         raise OnnxdnsError(f"samples must be a positive integer, got {samples}")
-    sess_a = _session(model_a, providers, threads)
-    sess_b = _session(model_b, providers, threads)
+    sess_a = _session(model_a, providers, threads, spinning=False)
+    sess_b = _session(model_b, providers, threads, spinning=False)
     _check_signatures(sess_a, sess_b)
     dataset, data_name = _resolve_data(data, data_dir, download, (sess_a, sess_b))
     fixed_batch = _fixed_batch(sess_a)
@@ -223,11 +227,12 @@ def measure_latency(
     inputs in order (for models whose input names differ); arrays are cast to each model's input
     type. Each repeat runs every model once, alternating the order between repeats.
     ``threads`` fixes onnxruntime's intra-op thread count (0: onnxruntime decides) for the
-    sessions created here.
+    sessions created here; they do not spin-wait (see the module docstring; a session passed in
+    is used as it is).
     """
     if repeats < 1 or warmup < 0:
         raise OnnxdnsError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-    sessions = {label: _session(m, providers, threads) for label, m in models.items()}
+    sessions = {label: _session(m, providers, threads, spinning=False) for label, m in models.items()}
     bound = {label: _bind(sess, feeds) for label, sess in sessions.items()}
     for _ in range(warmup):
         for label, sess in sessions.items():
@@ -303,10 +308,10 @@ def _latency_images(dataset: Any, n: int) -> np.ndarray:
     return images
 
 
-def _session(model: ModelLike, providers: Sequence[str], threads: int) -> ort.InferenceSession:
+def _session(model: ModelLike, providers: Sequence[str], threads: int, *, spinning: bool = True) -> ort.InferenceSession:
     if isinstance(model, ort.InferenceSession):
         return model
-    return runtime.make_session(model, providers=providers, threads=threads)
+    return runtime.make_session(model, providers=providers, threads=threads, spinning=spinning)
 
 
 def _check_signatures(a: ort.InferenceSession, b: ort.InferenceSession) -> None:

@@ -1,7 +1,8 @@
-"""Remove Identity nodes and inference-time Dropout nodes."""
+"""Remove Identity nodes, inference-time Dropout nodes and Gathers that select everything in order."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxdns import graphutil
@@ -9,7 +10,8 @@ from onnxdns.framework import GraphPass, PassReport
 
 
 class EliminateIdentityPass(GraphPass):
-    """Remove ``Identity`` nodes and inference-time ``Dropout`` nodes; graph output names stay.
+    """Remove ``Identity`` nodes, inference-time ``Dropout`` nodes and no-op ``Gather`` nodes; graph
+    output names stay.
 
     Guarantee: exact (the removed nodes copy their input).
 
@@ -17,6 +19,8 @@ class EliminateIdentityPass(GraphPass):
 
     * Dropout is in inference mode: no ``training_mode`` input or a constant false one (opset
       <= 6: ``is_test=1``), and its ``mask`` output is unused and no graph output;
+    * Gather's indices are the constant ``0, 1, ..., n-1`` (1-D) and ``n`` is the input's static
+      size along the gather axis (left behind when channel removal narrows the gathered tensor);
     * ``y`` is no graph output, in which case the users of ``y`` read ``x``; or ``y`` is an
       output of the graph holding the node and ``x`` is produced by a node of that same graph and
       is no graph input, initializer or graph output: then ``x`` is renamed ``y``.
@@ -32,20 +36,23 @@ class EliminateIdentityPass(GraphPass):
 
     name = "eliminate-identity"
     exact = True
-    summary = "remove Identity and inference-mode Dropout nodes (graph output names kept)"
+    summary = "remove Identity, inference-mode Dropout and no-op Gather nodes (graph output names kept)"
 
     def call(self, model: ir.Model) -> PassReport:
         opset = int(model.opset_imports.get("", 0))
         removed: dict[str, int] = {}
         graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+        shapes: dict[str, tuple[int | None, ...]] = {}
+        if any(node.op_type == "Gather" for node in model.graph):  # sizes of values without declared shapes
+            shapes = graphutil.inferred_shapes(model)
         for graph_like in graphs:
             for node in list(ir.traversal.RecursiveGraphIterator(graph_like)):
-                if _try_remove(node, opset):
+                if _try_remove(node, opset, shapes if node.graph is model.graph else {}):
                     removed[node.op_type] = removed.get(node.op_type, 0) + 1
         return PassReport(model, bool(removed), {"removed": removed})
 
 
-def _copied_input(node: ir.Node, opset: int) -> ir.Value | None:
+def _copied_input(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None, ...]]) -> ir.Value | None:
     """The value that ``node``'s first output copies, if the node is a removable copy."""
     if node.domain != "" or not node.inputs or node.inputs[0] is None or not node.outputs:
         return None
@@ -53,6 +60,8 @@ def _copied_input(node: ir.Node, opset: int) -> ir.Value | None:
         if len(node.inputs) != 1 or len(node.outputs) != 1:
             return None
         return node.inputs[0]
+    if node.op_type == "Gather":
+        return node.inputs[0] if _gathers_everything(node, shapes) else None
     if node.op_type != "Dropout":
         return None
     if opset and opset <= 6 and graphutil.attr_int(node, "is_test", 0) == 0:
@@ -67,8 +76,25 @@ def _copied_input(node: ir.Node, opset: int) -> ir.Value | None:
     return node.inputs[0]
 
 
-def _try_remove(node: ir.Node, opset: int) -> bool:
-    x = _copied_input(node, opset)
+def _gathers_everything(node: ir.Node, shapes: dict[str, tuple[int | None, ...]]) -> bool:
+    """Gather with constant 1-D indices 0..n-1 over an axis of static size n (the declared shape,
+    else ``shapes`` from shape inference)."""
+    if len(node.inputs) != 2 or node.inputs[1] is None:
+        return False
+    data = node.inputs[0]
+    shape = tuple(data.shape) if data.shape is not None else shapes.get(data.name)
+    idx = graphutil.const_array(node.inputs[1])
+    if shape is None or idx is None or idx.ndim != 1 or len(shape) == 0:
+        return False
+    size = shape[graphutil.attr_int(node, "axis", 0) % len(shape)]
+    if not isinstance(size, int):
+        return False
+    idx = np.where(idx < 0, idx + size, idx)
+    return idx.size == size and bool(np.array_equal(idx, np.arange(size)))
+
+
+def _try_remove(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None, ...]]) -> bool:
+    x = _copied_input(node, opset, shapes)
     if x is None:
         return False
     y = node.outputs[0]

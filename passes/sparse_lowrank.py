@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import onnx_ir as ir
 
+from onnxdns import modelio
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass, PassReport
 from onnxdns.lowrank import blas, calibration, split
@@ -44,8 +45,11 @@ class SparseLowRankPass(GraphPass):
     (calibration rows per layer, at most), ``round_to`` (ranks and kept counts in multiples, 8 for
     ``--target cuda``), ``iterations`` (ADMM), ``sensitivity`` (weight layer errors by their
     measured effect on the outputs), ``compare`` (also fit low-rank-only, sparse-only and mixed
-    baselines at the same MACs, for reports), ``finetune_epochs`` (fine-tune the split model with
-    onnxruntime-training on the calibration dataset, labels needed). The result is deterministic
+    baselines at the same MACs, for reports), ``narrow_inputs`` (default on: input channels a split
+    layer no longer reads are removed from the layers producing them, exactly, with
+    ``remove-channels``; the Gathers then left selecting everything are dropped),
+    ``finetune_epochs`` (fine-tune the split model with onnxruntime-training on the calibration
+    dataset, labels needed). The result is deterministic
     for given inputs and options. A model already split by this pass is left unchanged.
     """
 
@@ -72,6 +76,7 @@ class SparseLowRankPass(GraphPass):
         compare: bool = False,
         finetune_epochs: float = 0.0,
         finetune_lr: float = 0.005,
+        narrow_inputs: bool = True,
         seed: int = 0,
         threads: int = 0,
         progress: bool = False,
@@ -93,6 +98,7 @@ class SparseLowRankPass(GraphPass):
         self.calib_samples = int(calib_samples)
         self.finetune_epochs = float(finetune_epochs)
         self.finetune_lr = float(finetune_lr)
+        self.narrow_inputs = bool(narrow_inputs)
         self.progress = progress
         self.data_dir = data_dir
         self.settings = split.Settings(
@@ -125,6 +131,8 @@ class SparseLowRankPass(GraphPass):
             details = split.split_model(model, images, self.settings, progress=tick)
         details["calibration"]["data"] = source
         details["folded_batchnorm"] = folded.details.get("folded_into", [])
+        if self.narrow_inputs and details["split_layers"]:
+            details["narrowed"] = _narrow_inputs(model, self.settings.round_to)
         if self.finetune_epochs and details["split_layers"]:
             from onnxdns.lowrank.finetune import finetune
 
@@ -132,6 +140,26 @@ class SparseLowRankPass(GraphPass):
                                            seed=self.settings.seed, threads=self.settings.threads,
                                            progress=self.progress, data_dir=self.data_dir)
         return PassReport(model, bool(details["split_layers"]) or folded.modified, details)
+
+
+def _narrow_inputs(model: ir.Model, round_to: int) -> dict:
+    """Exact clean-up after the split: input channels that no split layer reads any more (its
+    sparse part gathers a subset, it has no low-rank part) are removed from the layers producing
+    them (``remove-channels``), Gathers left selecting everything are dropped, then unused
+    initializers. Returns the channels removed per producing layer, and the MACs before/after."""
+    from onnxdns.passes.eliminate_identity import EliminateIdentityPass
+    from onnxdns.passes.remove_channels import RemoveChannelsPass
+    from onnxdns.passes.remove_dead_nodes import RemoveDeadNodesPass
+    from onnxdns.stats import model_stats
+
+    macs_before = model_stats(modelio.to_proto(model)).macs
+    removal = RemoveChannelsPass(round_to=round_to).call(model)
+    EliminateIdentityPass().call(model)
+    RemoveDeadNodesPass().call(model)
+    removed = removal.details.get("removed_channels", {})
+    return {"removed_channels": {name: len(idx) for name, idx in removed.items()},
+            "params_removed": removal.details.get("params_removed", 0),
+            "macs_before": macs_before, "macs_after": model_stats(modelio.to_proto(model)).macs}
 
 
 class _Progress:

@@ -1,4 +1,4 @@
-"""eliminate-identity: Identity and inference Dropout removed, graph output names stable."""
+"""eliminate-identity: Identity, inference Dropout and no-op Gather removed, graph output names stable."""
 
 from __future__ import annotations
 
@@ -42,6 +42,27 @@ def test_removed_exactly(middle, inits):
     assert op_types(result.model) == ["Relu", "Neg"]
     assert output_names(result.model) == ["y"]
     assert_exact(model, result.model)
+
+
+@pytest.mark.parametrize("indices, axis, removed", [
+    ([0, 1, 2, 3], 1, True),        # everything in order: a copy
+    ([0, 1, -2, -1], -1, True),     # negative indices name the same positions
+    ([1, 0, 2, 3], 1, False),       # a permutation
+    ([0, 1, 2], 1, False),          # a subset
+])
+def test_gather_selecting_everything(indices, axis, removed):
+    model = chain(helper.make_node("Gather", ["r", "idx"], ["m"], axis=axis),
+                  inits=[init("idx", np.array(indices, np.int64))])
+    result = EliminateIdentityPass().apply(model)
+    assert result.modified is removed
+    assert ("Gather" in op_types(result.model)) is not removed
+    assert_exact(model, result.model)
+
+
+def test_gather_over_an_axis_of_unknown_size_is_kept():
+    model = make_model([helper.make_node("Gather", ["x", "idx"], ["y"], axis=1)], [tensor_input("x", ["N", "C"])],
+                       [tensor_input("y", None)], [init("idx", np.arange(4, dtype=np.int64))])
+    assert not EliminateIdentityPass().apply(model).modified
 
 
 @pytest.mark.parametrize("case", ["training_input", "training_true", "mask_used"])

@@ -423,3 +423,54 @@ def test_constant_into_matmul_that_is_a_graph_output_gets_a_named_bias_add():
     assert result.details["removed_channels"] == {"MatMul(w1)": [0, 2]}
     assert result.model.graph.output[0].name == "y"
     assert result.model.graph.node[-1].op_type == "Add"
+
+
+def gather_model(indices, *, second_reader: bool = False, axis: int = 1) -> onnx.ModelProto:
+    """x -> Conv 3->8 -> Relu -> Gather(indices, axis) -> Conv 3x3 -> y [; Relu output also read
+    by a 1x1 Conv -> z]."""
+    rng = np.random.default_rng(3)
+    k = len(indices) if axis == 1 else 8
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Gather", ["r1", "idx"], ["g"], axis=axis),
+        helper.make_node("Conv", ["g", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+             numpy_helper.from_array(np.array(indices, np.int64), "idx"),
+             numpy_helper.from_array(rng.standard_normal((4, k, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2")]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node("Conv", ["r1", "w3"], ["z"], name="conv3"))
+        inits.append(numpy_helper.from_array(rng.standard_normal((2, 8, 1, 1)).astype(np.float32), "w3"))
+        outputs.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 10, 10])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_channels_no_gather_selects_are_removed_from_the_producer():
+    """A Gather of channels 6, 1, 3 leaves the other five unread: conv1 keeps three filters and the
+    Gather's indices are renumbered (order kept)."""
+    proto = gather_model([6, 1, 3])
+    result = run_removal(proto)
+    assert result.details["removed_channels"] == {"conv1": [0, 2, 4, 5, 7]}
+    w = _weights(result.model)
+    assert w["w1"].shape == (3, 3, 3, 3)
+    np.testing.assert_array_equal(w["idx"], [2, 0, 1])
+    np.testing.assert_array_equal(w["w1"], _weights(proto)["w1"][[1, 3, 6]])
+
+
+@pytest.mark.parametrize("case", ["second_reader", "repeated", "other_axis"])
+def test_gather_channels_stay_when_read_elsewhere_or_not_a_channel_subset(case):
+    if case == "second_reader":  # conv3 reads every channel of the Relu
+        proto = gather_model([6, 1, 3], second_reader=True)
+    elif case == "repeated":  # a channel gathered twice: not modelled, so pinned
+        proto = gather_model([6, 1, 1])
+    else:  # gathering rows (axis 2) keeps every channel
+        proto = gather_model([0, 2, 4, 6, 8, 9], axis=2)
+    result = RemoveChannelsPass().apply(proto)
+    assert not result.modified
+    assert result.details["removed_channels"] == {}

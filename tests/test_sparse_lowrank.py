@@ -124,6 +124,47 @@ def test_sparse_plus_lowrank_graph_structure(op):
     assert "w" not in inits and "b" not in inits  # the original weights are gone
 
 
+def two_convs() -> onnx.ModelProto:
+    """x -> Conv 2->8 -> Relu -> Conv 8->6 (named "layer") -> Relu."""
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="producer", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w", "b"], ["y"], name="layer", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["y"], ["out"])]
+    inits = [init("w0", normal(8, 2, 3, 3, scale=0.4)), init("b0", normal(8, scale=0.1)),
+             init("w", normal(6, 8, 3, 3, scale=0.3)), init("b", normal(6, scale=0.1))]
+    return make_model(nodes, [tensor_input("x", ["N", 2, 7, 7])], [tensor_input("out", ["N", 6, 7, 7])], inits)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_input_channels_no_split_layer_reads_leave_their_producer(rank):
+    """After the split of "layer" into a sparse part over input channels 1, 4, 6 (and a rank-2 part),
+    narrowing is exact; with no low-rank part nobody reads the other five channels, so the producer
+    keeps three filters and the Gather goes; a low-rank part reads them all, so nothing changes."""
+    from onnxdns.passes.sparse_lowrank import _narrow_inputs
+
+    model = two_convs()
+    ir_model = modelio.to_ir(model)
+    layer = next(l for l in find_layers(ir_model.graph)[0] if l.node.name == "layer")
+    w, k = layer.weight.astype(np.float64), layer.geometry.group_size
+    keep = np.array([1, 4, 6])
+    cols = (keep[:, None] * k + np.arange(k)).reshape(-1)
+    p = RNG.standard_normal((6, rank)) if rank else np.zeros((6, 0))
+    q = RNG.standard_normal((rank, w.shape[1])) * 0.1 if rank else np.zeros((0, w.shape[1]))
+    emit.replace(ir_model.graph, layer, Factors(p, q, keep, w[:, cols], layer.bias.astype(np.float64), k))
+    split = modelio.to_proto(ir_model)
+    details = _narrow_inputs(ir_model, round_to=1)
+    narrowed = modelio.to_proto(ir_model)
+    onnx.checker.check_model(narrowed, full_check=True)
+    assert_exact(split, narrowed, rel=1e-5, batch=3)
+    producer = next(n for n in narrowed.graph.node if n.name == "producer")
+    filters = {t.name: t.dims[0] for t in narrowed.graph.initializer}[producer.input[1]]
+    if rank:
+        assert filters == 8 and details["removed_channels"] == {}
+    else:
+        assert filters == 3 and "Gather" not in op_types(narrowed)
+        assert details["removed_channels"] == {"producer": 5} and details["macs_after"] < details["macs_before"]
+
+
 def tiny_net() -> onnx.ModelProto:
     """28x28 -> Conv 1->8 (pad 1) -> BN -> Relu -> Conv 8->16 (stride 2) -> Relu -> GAP
     -> Gemm 16->24 -> Relu -> Gemm 24->10."""
@@ -176,6 +217,31 @@ def test_reported_errors_match_a_direct_computation():
         assert rows[name]["rel_error"] == pytest.approx(direct, rel=1e-3, abs=1e-6), name
         assert rows[name]["macs_after"] < rows[name]["macs_before"]
     assert details["skipped"] == {"fc1": "skipped on request", "fc2": "skipped on request"}
+
+
+def test_comparison_baselines_cost_at_least_the_chosen_split():
+    """With ``compare``, a split layer reports low-rank only (SVD, ADMM), sparse only and the best
+    split with both parts, each at no fewer MACs than the chosen option; the data-aware low-rank fit
+    is never worse than the data-free truncated SVD of the same rank."""
+    model = tiny_net()
+    images = np.asarray(load_dataset("fashion-mnist", "train").images[:48], np.float32)
+    ir_model = modelio.to_ir(model)
+    from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+
+    FoldBatchNormPass().call(ir_model)
+    settings = Settings(target_compression=1.3, min_rows=20000, max_rows=20000, iterations=4, threads=1,
+                        skip=("conv1", "fc1", "fc2"), compare=True)
+    details = split_model(ir_model, images, settings)
+    (row,) = [r for r in details["layers"] if r["status"] == "split"]
+    assert row["name"] == "conv2"
+    b = row["baselines"]
+    assert set(b) == {"lowrank_svd", "lowrank_admm", "sparse_admm", "mixed_admm"}
+    for key, value in b.items():
+        assert value["macs"] >= row["macs_after"], key
+        assert 0 <= value["rel_error"] < 1.5
+    assert b["mixed_admm"]["rank"] > 0 and b["mixed_admm"]["keep"] > 0
+    assert b["sparse_admm"]["keep"] > 0 and b["lowrank_admm"]["rank"] == b["lowrank_svd"]["rank"] > 0
+    assert b["lowrank_admm"]["rel_error"] <= b["lowrank_svd"]["rel_error"] + 1e-6
 
 
 def test_pass_on_real_data_is_idempotent_and_keeps_the_interface():

@@ -7,9 +7,13 @@ import pytest
 
 from onnxdns.errors import OnnxdnsError
 from onnxdns.training.dns import (
+    DNSPruner,
+    LayerSettings,
+    Phase,
     layer_statistics,
     parse_layer_values,
     parse_phases,
+    ramp_factor,
     surgery_probability,
     thresholds,
     update_mask,
@@ -58,6 +62,47 @@ def test_surgery_probability():
     assert surgery_probability(10_000, 1e-4, 2.0) == pytest.approx(0.25)
     values = [surgery_probability(t, 1e-3, 1.0) for t in range(0, 5000, 500)]
     assert all(x > y for x, y in zip(values, values[1:]))
+
+
+class _Masks:
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def set(self, name, value):
+        self.arrays[name] = value
+
+
+class _Trainer:
+    """What DNSPruner reads: parameter values (fixed here) and the mask store."""
+
+    def __init__(self, weights, masks):
+        self.session = type("Session", (), {"get": staticmethod(lambda name: weights[name])})()
+        self.masks = _Masks(masks)
+
+
+def test_ramp_prunes_gradually_then_applies_the_full_thresholds():
+    """With ``ramp`` the thresholds are ``(t + 1) / ramp`` of a_k, b_k: density falls step by step
+    (never below the fixed rule's) and equals the fixed rule's from step ``ramp - 1`` on."""
+    assert [ramp_factor(t, 4) for t in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert ramp_factor(0, 0) == 1.0
+    w = np.random.default_rng(0).standard_normal(2000).astype(np.float32)
+    layer = MaskedLayer("fc1", "fc", "Gemm", "w", "m")
+    phase = [Phase(frozenset({"fc"}), 0, 100)]
+
+    def densities(ramp):
+        trainer = _Trainer({"w": w}, {"m": np.ones_like(w)})
+        pruner = DNSPruner([layer], {"fc1": LayerSettings(c=0.5, gamma=0.0, ramp=ramp)}, phase)  # surgery every step
+        pruner.trainer = trainer
+        out = []
+        for step in range(6):
+            pruner.before_step(step)
+            out.append(float(trainer.masks.arrays["m"].mean()))
+        return out
+
+    fixed, ramped = densities(0), densities(4)
+    assert len(set(fixed)) == 1  # the paper's rule: final density at the first surgery
+    assert all(x > y for x, y in zip(ramped[:4], ramped[1:4]))
+    assert ramped[3:] == fixed[3:]
 
 
 def test_phases():

@@ -141,3 +141,32 @@ def test_measure_latency_side_by_side(weight):
     assert result["renamed"].median_ms > 0
     with pytest.raises(OnnxdnsError):
         measure_latency({"a": m}, feeds, repeats=0)
+
+
+def test_sessions_made_for_side_by_side_timing_do_not_spin(weight, monkeypatch):
+    """Each session owns an intra-op pool; one left spinning after its run would take cores from
+    the next session timed, so measure_latency and compare make theirs with spinning off."""
+    key = "session.intra_op.allow_spinning"
+
+    def spinning(session) -> str:
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # no entry: onnxruntime's default
+            return "default"
+
+    m = classifier(weight)
+    assert spinning(runtime.make_session(m)) == "default"  # onnxruntime's default: spinning allowed
+    assert spinning(runtime.make_session(m, spinning=False)) == "0"
+    feeds = runtime.input_feeds(m, batch=2)
+    made = []
+    original = runtime.make_session
+
+    def recording(*args, **kwargs):
+        session = original(*args, **kwargs)
+        made.append(spinning(session))
+        return session
+
+    monkeypatch.setattr(runtime, "make_session", recording)
+    measure_latency({"a": m, "b": m}, feeds, repeats=2, warmup=0)
+    compare(m, m, samples=4, latency_batches=(1,), repeats=2, warmup=0, threads=1)
+    assert made and all(v == "0" for v in made)

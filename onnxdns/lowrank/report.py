@@ -34,6 +34,11 @@ def layer_table(details: dict[str, Any]) -> str:
              + ("" if target["reached"] else " (not reachable: cheapest options taken)"),
              "rel. error: ||h(split) - h(original)||_F / ||h(original)||_F of the layer output after its "
              "activation, on held-out calibration images"]
+    narrowed = details.get("narrowed")
+    if narrowed and narrowed["removed_channels"]:
+        lines.append(f"narrowed producers (exact): {sum(narrowed['removed_channels'].values())} channels no split layer "
+                     f"reads removed from {len(narrowed['removed_channels'])} layers; model MACs "
+                     f"{count(narrowed['macs_before'])} -> {count(narrowed['macs_after'])}")
     for name, reason in details.get("skipped", {}).items():
         lines.append(f"kept dense: {name}: {reason}")
     return "\n".join(lines)

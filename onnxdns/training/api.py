@@ -224,6 +224,8 @@ def _validate(config: TrainConfig) -> None:
         raise OnnxdnsError(f"momentum must be in [0, 1), got {config.momentum}")
     if config.weight_decay < 0:
         raise OnnxdnsError(f"weight decay must be >= 0, got {config.weight_decay}")
+    if config.dns_ramp < 0:
+        raise OnnxdnsError(f"dns ramp must be >= 0 steps, got {config.dns_ramp}")
     for name in ("subset", "test_subset"):
         value = getattr(config, name)
         if value is not None and value < 1:

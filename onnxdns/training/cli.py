@@ -53,6 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dns.add_argument("--dns-gamma", type=float, help=f"surgery probability (1+gamma*t)^-power{_default('dns_gamma')}")
     dns.add_argument("--dns-power", type=float, help=f"exponent of the surgery probability{_default('dns_power')}")
     dns.add_argument("--dns-iter-stop", type=int, help="no surgery after this many steps of a phase (default: phase end)")
+    dns.add_argument("--dns-ramp", type=int, metavar="STEPS",
+                     help="thresholds rise linearly from 0 over this many steps of a phase (default 0: fixed, as published)")
     dns.add_argument("--dns-phases", metavar="SPEC",
                      help="pruning phases, e.g. 'conv:0.4,fc:0.4' (fractions) or 'conv:6000,fc:6000' (steps), "
                           "'all:0.8' prunes both kinds at once; the rest fine-tunes with frozen masks")

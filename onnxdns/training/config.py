@@ -47,6 +47,7 @@ class TrainConfig:
     dns_gamma: float = DEFAULT_DNS_GAMMA
     dns_power: float = DEFAULT_DNS_POWER
     dns_iter_stop: int | None = None
+    dns_ramp: int = 0  # steps over which DNS thresholds rise to their value at a phase start (0: fixed, as published)
     dns_phases: str | None = None
     sparsity: str | float | dict[str, float] | None = None
     quality: float | None = None

@@ -16,6 +16,11 @@ Per masked layer k (weights and, by default, biases together, as ``CConvolution`
 
 Convolutional and fully connected layers are pruned in separate phases (the paper's remedy for
 vanishing gradients): by default a conv phase, then an fc phase, then fine-tuning with frozen masks.
+
+One option goes beyond the reference: ``ramp`` (steps) lets the thresholds rise linearly from 0
+to ``a_k``, ``b_k`` over the first ``ramp`` steps of a phase, so a layer is pruned gradually
+instead of dropping to its final density at the phase's first surgery (``ramp=0``, the default,
+is the paper's rule).
 """
 
 from __future__ import annotations
@@ -72,6 +77,12 @@ def update_mask(w: np.ndarray, mask: np.ndarray, a: float, b: float) -> np.ndarr
     return (((magnitude > a) & (mask != 0)) | (magnitude > b)).astype(mask.dtype)
 
 
+def ramp_factor(iteration: int, ramp: int) -> float:
+    """The share of its thresholds a layer uses at ``iteration`` of its phase: ``(iteration + 1) /
+    ramp``, capped at 1 (``ramp=0``: always 1)."""
+    return 1.0 if ramp <= 0 else min(1.0, (iteration + 1) / ramp)
+
+
 def surgery_probability(iteration: int, gamma: float, power: float) -> float:
     """``(1 + gamma * iteration) ** -power``: the chance that surgery runs at ``iteration``."""
     return float((1.0 + gamma * iteration) ** (-power))
@@ -88,6 +99,7 @@ class LayerSettings:
     gamma: float = DEFAULT_DNS_GAMMA
     power: float = DEFAULT_DNS_POWER
     iter_stop: int | None = None  # counted from the phase start; None: until the phase ends
+    ramp: int = 0  # steps over which the thresholds rise linearly to their value (0: the paper's fixed ones)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +230,10 @@ class DNSPruner(Hook):
                 continue
             count = self.counts[layer.name]
             count["updates"] += 1
+            share = ramp_factor(iteration, cfg.ramp)
             for p, m in layer.params:
                 old = masks.arrays[m]
-                new = update_mask(session.get(p), old, stats[3], stats[4])
+                new = update_mask(session.get(p), old, share * stats[3], share * stats[4])
                 if not np.array_equal(new, old):
                     kept_before = old != 0
                     count["pruned"] += int(np.count_nonzero(kept_before & (new == 0)))

@@ -87,7 +87,7 @@ class DNS(_Pruning):
         cfg, layers = self.config, params.layers
         c = parse_layer_values(cfg.dns_c, DEFAULT_C, layers, "DNS c")
         settings = {layer.name: LayerSettings(c=c[layer.name], gamma=cfg.dns_gamma, power=cfg.dns_power,
-                                              iter_stop=cfg.dns_iter_stop) for layer in layers}
+                                              iter_stop=cfg.dns_iter_stop, ramp=cfg.dns_ramp) for layer in layers}
         phases = parse_phases(cfg.dns_phases, total_steps, {layer.kind for layer in layers})
         return [DNSPruner(layers, settings, phases, seed=cfg.seed)]
 

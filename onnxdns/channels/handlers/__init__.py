@@ -3,7 +3,7 @@
 Each handler answers four questions for one node (see :mod:`onnxdns.channels.analysis`):
 
 ``propagate``  which slots sit on the output channel axes (new slots for layers, the input's for
-               channel-preserving ops, offsets for Concat/Split/Slice) and which slots are tied
+               channel-preserving ops, offsets for Concat/Split/Slice, indices for Gather) and which slots are tied
                or pinned;
 ``constants``  which output channels are input-independent constants, and their values;
 ``check``      at a boundary (a layer consuming channels), which input channels may go;
@@ -29,7 +29,7 @@ from onnxdns.channels.handlers.reshaping import (
     SqueezeHandler,
     TransposeHandler,
 )
-from onnxdns.channels.handlers.routing import ConcatHandler, SliceHandler, SplitHandler
+from onnxdns.channels.handlers.routing import ConcatHandler, GatherHandler, SliceHandler, SplitHandler
 
 _UNARY = (
     "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
@@ -57,6 +57,7 @@ HANDLERS: dict[tuple[str, str], Handler] = {
     ("", "Concat"): ConcatHandler(),
     ("", "Split"): SplitHandler(),
     ("", "Slice"): SliceHandler(),
+    ("", "Gather"): GatherHandler(),
     ("", "Shape"): ShapeHandler(),
     ("", "Transpose"): TransposeHandler(),
     ("", "Squeeze"): SqueezeHandler(),

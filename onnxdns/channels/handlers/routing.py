@@ -194,3 +194,63 @@ class SliceHandler(Handler):
         new_starts[i], new_ends[i] = new_lo, new_hi
         graphutil.set_input_constant(g.graph, node, 1, new_starts)
         graphutil.set_input_constant(g.graph, node, 2, new_ends)
+
+
+class GatherHandler(Handler):
+    """Gather of constant, distinct channel indices (1-D) along the channel axis: output channel
+    ``j`` is input channel ``indices[j]``; input channels no index names are read by nobody here.
+    Along another axis channels pass through; anything else (computed, repeated or scalar
+    indices) pins the input."""
+
+    def _indices(self, node, g, layout):
+        rank = g.rank(node.inputs[0])
+        if rank is None or len(node.inputs) < 2:
+            return None, None
+        axis = graphutil.attr_int(node, "axis", 0) % rank
+        idx = graphutil.const_array(node.inputs[1])
+        if idx is None or idx.ndim != 1:
+            return axis, None
+        n = len(layout)
+        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= n or len(np.unique(idx)) != idx.size:
+            return axis, None
+        return axis, idx
+
+    def propagate(self, node, g):
+        layout = g.layout(node.inputs[0])
+        if len(node.inputs) > 1 and g.layout(node.inputs[1]) is not None:
+            return Handler.propagate(self, node, g)  # tracked channels used as indices
+        if layout is None:
+            return
+        axis, idx = self._indices(node, g, layout)
+        if axis is None:
+            return Handler.propagate(self, node, g)
+        if axis != layout.axis:
+            const = graphutil.const_array(node.inputs[1])
+            if const is not None and const.ndim == 1:  # same rank: the channel axis keeps its place
+                g.set_layout(node.outputs[0], layout)
+                return
+            return Handler.propagate(self, node, g)
+        if idx is None or layout.block != 1:
+            return Handler.propagate(self, node, g)
+        g.set_layout(node.outputs[0], Layout(layout.axis, layout.slots[idx]))
+
+    def constants(self, node, g):
+        out, src = g.layout(node.outputs[0]), g.layout(node.inputs[0])
+        if out is None or src is None:
+            return
+        axis, idx = self._indices(node, g, src)
+        v = g.const(node.inputs[0])
+        g.set_const(node.outputs[0], v[idx] if axis == src.axis else v)
+
+    def rewrite(self, node, g):
+        src = g.layout(node.inputs[0])
+        if src is None or g.layout(node.outputs[0]) is None:
+            return
+        axis, idx = self._indices(node, g, src)
+        keep = g.keep(node.inputs[0])
+        if axis != src.axis or keep.all():
+            return
+        position = np.cumsum(keep) - 1  # new index of every kept input channel
+        new_idx = position[idx[keep[idx]]].astype(np.int64)
+        graphutil.set_input_constant(g.graph, node, 1, new_idx)
