@@ -10,7 +10,8 @@ For each model it
 1. exports the zoo model (seed-0 initial weights) and trains our **dense reference** with
    onnxruntime-training (:data:`RECIPES`, ``dense``);
 2. prunes the reference with **DNS** (per-layer sensitivities ``c``, conv and fc phases, the
-   paper's iteration budget: LeNet-5 16K, LeNet-300-100 25K iterations at batch 64);
+   paper's iteration budget: LeNet-5 16K, LeNet-300-100 25K iterations at batch 64; thresholds
+   ramped in over the first 3,000 / 4,000 steps of a phase, ``dns_ramp``, see docs/dns.md);
 3. prunes the same reference with the **magnitude baseline** (Han et al. 2015: prune-retrain
    rounds, no splicing) twice with the same iteration budget and learning-rate schedule: at Han et
    al.'s published per-layer densities (``magnitude``), and at exactly DNS's per-layer densities
@@ -110,26 +111,28 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dense": CAFFE_LENET_SOLVER,
         "dense-continued": {"method": "none", "iterations": 16_000, "schedule": "cosine", "lr": 0.02},
         "dns": {"method": "dns", "iterations": 16_000, "schedule": "cosine", "lr": 0.02,
-                "dns_phases": "conv:4000,fc:6000", "dns_c": "conv1=1.2,conv2=5.5,fc1=8.5,fc2=2.5"},
+                "dns_phases": "conv:4000,fc:6000", "dns_c": "conv1=1.4,conv2=6.5,fc1=10.5,fc2=3", "dns_ramp": 3000},
         "magnitude": {"method": "magnitude", "iterations": 16_000, "schedule": "cosine", "lr": 0.02, "rounds": 3},
     },
     "lenet-300-100": {
         "dense": CAFFE_LENET_SOLVER,
         "dense-continued": {"method": "none", "iterations": 25_000, "schedule": "cosine", "lr": 0.02},
         "dns": {"method": "dns", "iterations": 25_000, "schedule": "cosine", "lr": 0.02,
-                "dns_phases": "fc:8000", "dns_c": "fc1=6.7,fc2=3.5,fc3=3"},
+                "dns_phases": "fc:8000", "dns_c": "fc1=9.2,fc2=6,fc3=4.5", "dns_ramp": 4000},
         "magnitude": {"method": "magnitude", "iterations": 25_000, "schedule": "cosine", "lr": 0.02, "rounds": 3},
     },
 }
 
 
 def scaled(options: dict[str, Any], factor: float) -> dict[str, Any]:
-    """``options`` with every step count (iterations, lr step, DNS phase lengths) times ``factor``
+    """``options`` with every step count (iterations, lr step, DNS phase lengths and ramp) times ``factor``
     (``--quick`` smoke runs)."""
     out = dict(options)
     out["iterations"] = max(1, round(options["iterations"] * factor))
     if "lr_step" in options:
         out["lr_step"] = max(1, round(options["lr_step"] * factor))
+    if options.get("dns_ramp"):
+        out["dns_ramp"] = max(1, round(options["dns_ramp"] * factor))
     if "dns_phases" in options:
         items = (item.partition(":") for item in options["dns_phases"].split(","))
         out["dns_phases"] = ",".join(f"{kind}:{max(1, round(int(steps) * factor))}" for kind, _, steps in items)
