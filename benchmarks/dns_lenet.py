@@ -118,7 +118,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dense": CAFFE_LENET_SOLVER,
         "dense-continued": {"method": "none", "iterations": 25_000, "schedule": "cosine", "lr": 0.02},
         "dns": {"method": "dns", "iterations": 25_000, "schedule": "cosine", "lr": 0.02,
-                "dns_phases": "fc:8000", "dns_c": "fc1=9.2,fc2=6,fc3=4.5", "dns_ramp": 4000},
+                "dns_phases": "fc:8000", "dns_c": "fc1=10,fc2=6.5,fc3=5", "dns_ramp": 4000},
         "magnitude": {"method": "magnitude", "iterations": 25_000, "schedule": "cosine", "lr": 0.02, "rounds": 3},
     },
 }
