@@ -45,13 +45,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxdns.modelio import file_sha256
+from stages import Stage, log, rel
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -137,65 +137,6 @@ def scaled(options: dict[str, Any], factor: float) -> dict[str, Any]:
         items = (item.partition(":") for item in options["dns_phases"].split(","))
         out["dns_phases"] = ",".join(f"{kind}:{max(1, round(int(steps) * factor))}" for kind, _, steps in items)
     return out
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def rel(path: Path) -> str:
-    """``path`` relative to the repository (absolute when outside it)."""
-    try:
-        return str(path.resolve().relative_to(HERE.parent))
-    except ValueError:
-        return str(path.resolve())
-
-
-# --------------------------------------------------------------------------- stage cache
-
-
-@dataclasses.dataclass
-class Stage:
-    """A cached unit of work: ``run()`` returns a JSON record; ``outputs`` are files it writes."""
-
-    name: str
-    config: dict[str, Any]
-    inputs: list[Path]
-    outputs: list[Path]
-    run: Callable[[], dict[str, Any]]
-
-    @property
-    def record_path(self) -> Path:
-        return PATHS.stages / f"{self.name}.json"
-
-    def key(self) -> dict[str, Any]:
-        return {"config": self.config, "inputs": {rel(p): file_sha256(p) for p in self.inputs}}
-
-    def cached(self) -> dict[str, Any] | None:
-        if not self.record_path.exists() or not all(p.exists() for p in self.outputs):
-            return None
-        record = json.loads(self.record_path.read_text())
-        if record.get("key") != self.key():
-            return None
-        if any(file_sha256(p) != record.get("outputs", {}).get(rel(p)) for p in self.outputs):
-            return None
-        return record["result"]
-
-    def __call__(self) -> dict[str, Any]:
-        result = self.cached()
-        if result is not None:
-            log(f"[{self.name}] done before: skipped (--fresh to redo)")
-            return result
-        log(f"[{self.name}] running")
-        start = time.perf_counter()
-        result = self.run()
-        result.setdefault("stage_seconds", round(time.perf_counter() - start, 1))
-        record = {"key": self.key(), "outputs": {rel(p): file_sha256(p) for p in self.outputs}, "result": result}
-        PATHS.stages.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(self.record_path)
-        return result
 
 
 # --------------------------------------------------------------------------- measurements
@@ -317,16 +258,16 @@ def run_model(model: str, threads: int, images: np.ndarray, labels: np.ndarray) 
     def training(kind: str, src: Path, options: dict[str, Any]) -> Stage:
         out = files[f"{kind}-masked" if kind != "dense" else "dense"]
         return Stage(f"{model}-{kind}-train", options, [src], [out],
-                     lambda: train_stage(f"{model}-{kind}", src, out, options, threads))
+                     lambda: train_stage(f"{model}-{kind}", src, out, options, threads), PATHS.stages)
 
     def evaluation(key: str) -> Stage:
         return Stage(f"{model}-{key}-eval", {}, [files[key]], [],
-                     lambda: evaluate_stage(files[key], images, labels, threads))
+                     lambda: evaluate_stage(files[key], images, labels, threads), PATHS.stages)
 
     def optimization(kind: str) -> Stage:
         masked, optimized = files[f"{kind}-masked"], files[f"{kind}-optimized"]
         return Stage(f"{model}-{kind}-optimize", {"target": "cpu"}, [masked], [optimized],
-                     lambda: optimize_stage(masked, optimized, images, labels, threads))
+                     lambda: optimize_stage(masked, optimized, images, labels, threads), PATHS.stages)
 
     report: dict[str, Any] = {"model": model, "published": PUBLISHED[model], "recipes": {}}
     dense_train = training("dense", init, recipe["dense"])()
@@ -510,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_throughput:
         stage = Stage("throughput", {"threads": [args.threads, 1], "rounds": args.throughput_rounds}, [], [],
-                      lambda: throughput([args.threads, 1], args.throughput_rounds, args.quick))
+                      lambda: throughput([args.threads, 1], args.throughput_rounds, args.quick), PATHS.stages)
         report["throughput"] = stage()
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     report["stage_seconds_total"] = round(_stage_seconds(report), 1)

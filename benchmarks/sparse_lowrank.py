@@ -50,14 +50,11 @@ from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
 from onnxdns.passes.sparse_lowrank import SparseLowRankPass
 from onnxdns.stats import model_stats
 from onnxdns.validate import measure_latency
+from stages import Stage, rel
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_FILE_BYTES = 10 * 2 ** 20
-
-
-def _rel(path: Path) -> str:
-    return str(path.resolve().relative_to(ROOT))
 
 
 # --------------------------------------------------------------------------- (a) Fashion-MNIST
@@ -90,23 +87,6 @@ def train_baseline(args: argparse.Namespace, models: Path, log: dict) -> Path:
     return baseline
 
 
-def _stage(path: Path, key: dict, compute) -> tuple[dict, bool]:
-    """A cached stage: the record at ``path`` if it was made with the same ``key``, else ``compute()``
-    (which writes the stage's model files, named in ``files`` relative to the models folder, the
-    parent of ``path``'s folder) recorded there. Returns (record, reused)."""
-    models_dir = path.parent.parent
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("key") == key and all((models_dir / f).exists() for f in record.get("files", [])):
-            return record, True
-    record = {"key": key, **compute()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-    return record, False
-
-
 def part_a(args: argparse.Namespace) -> dict[str, Any]:
     models_dir = args.out.with_suffix("")
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +98,6 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     tuned_path = models_dir / "vgg16-fmnist-split-finetuned.onnx"
 
     # 1. the pass (cached: a rerun with the same baseline and settings reuses the split model)
-    split_key = {"baseline_sha256": modelio.file_sha256(baseline_path), "target_speedup": args.target_speedup,
-                 "target_compression": args.target_compression or None, "calib_samples": args.calib_samples,
-                 "iterations": args.iterations}
-
     def run_split() -> dict:
         t0 = time.perf_counter()
         slr = SparseLowRankPass("fashion-mnist", target_speedup=args.target_speedup,
@@ -130,32 +106,30 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
         applied = slr.apply(modelio.to_ir(modelio.load_model(baseline_path)))
         seconds = time.perf_counter() - t0
         modelio.save_model(modelio.to_proto(applied.model), split_path)
-        return {"pass_seconds": round(seconds, 1), "threads": args.threads, "details": applied.details,
-                "files": [split_path.name]}
+        return {"pass_seconds": round(seconds, 1), "threads": args.threads, "details": applied.details}
 
-    split_record, split_reused = _stage(stages / "split.json", split_key, run_split)
+    split = Stage("split", {"target_speedup": args.target_speedup, "target_compression": args.target_compression or None,
+                            "calib_samples": args.calib_samples, "iterations": args.iterations},
+                  [baseline_path], [split_path], run_split, stages)
+    split_record = split()
 
     # 2. fine-tuning of the split model in the onnxruntime-training loop (cached likewise)
     tuned = None
     if args.finetune_epochs > 0:
-        ft_key = {"split_sha256": modelio.file_sha256(split_path), "epochs": args.finetune_epochs,
-                  "lr": args.finetune_lr}
-
         def run_finetune() -> dict:
-            t0 = time.perf_counter()
             model = modelio.to_ir(modelio.load_model(split_path))
             ft = finetune(model, "fashion-mnist", epochs=args.finetune_epochs, lr=args.finetune_lr,
                           threads=args.threads, progress=True)
             modelio.save_model(modelio.to_proto(model), tuned_path)
-            return {**ft, "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads,
-                    "files": [tuned_path.name]}
+            return {**ft, "threads": args.threads}
 
-        ft_record, ft_reused = _stage(stages / "finetune.json", ft_key, run_finetune)
-        out["finetune"] = {k: v for k, v in ft_record.items() if k not in ("key", "files")} | {"reused": ft_reused}
+        tuning = Stage("finetune", {"epochs": args.finetune_epochs, "lr": args.finetune_lr}, [split_path], [tuned_path],
+                       run_finetune, stages)
+        out["finetune"] = {**tuning(), "reused": tuning.reused}
         tuned = tuned_path
     applied_details = split_record["details"]
     pass_seconds = split_record["pass_seconds"]
-    out["pass_reused"] = split_reused
+    out["pass_reused"] = split.reused
     out["pass_threads"] = split_record["threads"]
 
     models = {"baseline": baseline_path, "split": split_path}
@@ -179,7 +153,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
         "macs": {k: s.macs for k, s in stats.items()},
         "macs_ratio": stats["baseline"].macs / stats[final].macs,
         "latency": latency,
-        "files": {k: _rel(p) for k, p in models.items()},
+        "files": {k: rel(p) for k, p in models.items()},
         "file_bytes": {k: s.file_bytes for k, s in stats.items()},
     })
     out["targets"] = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -42,17 +45,28 @@ class EliminateIdentityPass(GraphPass):
         opset = int(model.opset_imports.get("", 0))
         removed: dict[str, int] = {}
         graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
-        shapes: dict[str, tuple[int | None, ...]] = {}
-        if any(node.op_type == "Gather" for node in model.graph):  # sizes of values without declared shapes
-            shapes = graphutil.inferred_shapes(model)
+        inferred = functools.cache(lambda: graphutil.inferred_shapes(model))  # run once, on demand
+
+        def main_graph_shape(name: str) -> tuple[int | None, ...] | None:
+            """Shape of a main-graph value without a declared one, from shape inference."""
+            return inferred().get(name)
+
         for graph_like in graphs:
             for node in list(ir.traversal.RecursiveGraphIterator(graph_like)):
-                if _try_remove(node, opset, shapes if node.graph is model.graph else {}):
+                shape_of = main_graph_shape if node.graph is model.graph else _no_shape
+                if _try_remove(node, opset, shape_of):
                     removed[node.op_type] = removed.get(node.op_type, 0) + 1
         return PassReport(model, bool(removed), {"removed": removed})
 
 
-def _copied_input(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None, ...]]) -> ir.Value | None:
+ShapeLookup = Callable[[str], "tuple[int | None, ...] | None"]
+
+
+def _no_shape(name: str) -> None:
+    return None
+
+
+def _copied_input(node: ir.Node, opset: int, shape_of: ShapeLookup) -> ir.Value | None:
     """The value that ``node``'s first output copies, if the node is a removable copy."""
     if node.domain != "" or not node.inputs or node.inputs[0] is None or not node.outputs:
         return None
@@ -61,7 +75,7 @@ def _copied_input(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None,
             return None
         return node.inputs[0]
     if node.op_type == "Gather":
-        return node.inputs[0] if _gathers_everything(node, shapes) else None
+        return node.inputs[0] if _gathers_everything(node, shape_of) else None
     if node.op_type != "Dropout":
         return None
     if opset and opset <= 6 and graphutil.attr_int(node, "is_test", 0) == 0:
@@ -76,15 +90,17 @@ def _copied_input(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None,
     return node.inputs[0]
 
 
-def _gathers_everything(node: ir.Node, shapes: dict[str, tuple[int | None, ...]]) -> bool:
+def _gathers_everything(node: ir.Node, shape_of: ShapeLookup) -> bool:
     """Gather with constant 1-D indices 0..n-1 over an axis of static size n (the declared shape,
-    else ``shapes`` from shape inference)."""
+    else ``shape_of(name)``, asked only for indices that may select everything)."""
     if len(node.inputs) != 2 or node.inputs[1] is None:
         return False
-    data = node.inputs[0]
-    shape = tuple(data.shape) if data.shape is not None else shapes.get(data.name)
     idx = graphutil.const_array(node.inputs[1])
-    if shape is None or idx is None or idx.ndim != 1 or len(shape) == 0:
+    if idx is None or idx.ndim != 1 or (np.all(idx >= 0) and not np.array_equal(idx, np.arange(idx.size))):
+        return False
+    data = node.inputs[0]
+    shape = tuple(data.shape) if data.shape is not None else shape_of(data.name)
+    if shape is None or len(shape) == 0:
         return False
     size = shape[graphutil.attr_int(node, "axis", 0) % len(shape)]
     if not isinstance(size, int):
@@ -93,8 +109,8 @@ def _gathers_everything(node: ir.Node, shapes: dict[str, tuple[int | None, ...]]
     return idx.size == size and bool(np.array_equal(idx, np.arange(size)))
 
 
-def _try_remove(node: ir.Node, opset: int, shapes: dict[str, tuple[int | None, ...]]) -> bool:
-    x = _copied_input(node, opset, shapes)
+def _try_remove(node: ir.Node, opset: int, shape_of: ShapeLookup) -> bool:
+    x = _copied_input(node, opset, shape_of)
     if x is None:
         return False
     y = node.outputs[0]
