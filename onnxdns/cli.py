@@ -7,13 +7,14 @@ on stderr), 3 validation of an optimized model failed (the output file is kept),
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Sequence
 
-from onnxdns import __version__
+from onnxdns import __version__, extras
 from onnxdns.data import DATASETS
 from onnxdns.errors import OnnxdnsError
 from onnxdns.slimming_cli import add_slim_arguments, run_slim
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of internal errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="show only errors on stderr (no warnings, no progress bars)")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log what the library does (each pass, its time); -vv for debug messages")
     parser = _Parser(
         prog="onnxdns",
         description="Make ONNX models smaller and faster (Dynamic Network Surgery, Network Slimming, "
@@ -229,6 +234,49 @@ def _print_sparse_lowrank(result) -> None:
             print(f"\nsparse-lowrank\n{layer_table(run.details)}")
 
 
+# --------------------------------------------------------------------------- optional parts
+
+
+def _required_part(args: argparse.Namespace) -> str | None:
+    """The optional part (see :mod:`onnxdns.extras`) the command needs before it starts."""
+    if args.command in ("train", "slim"):
+        return "train"
+    if args.command == "export":
+        return "zoo"
+    if args.command == "optimize" and args.finetune_epochs is not None:
+        return "train"
+    if args.command == "validate" or (args.command == "optimize" and not args.no_validate):
+        return "runtime"
+    return None
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Library modules log under ``onnxdns``; the command line shows warnings unless --quiet."""
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.ERROR if getattr(args, "quiet", False) else (
+        logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG)
+    logger = logging.getLogger("onnxdns")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("onnxdns: %(message)s"))
+        logger.addHandler(handler)
+    if getattr(args, "quiet", False) and hasattr(args, "no_progress"):
+        args.no_progress = True
+
+
+class _StderrHandler(logging.Handler):
+    """Log records on stderr, above any progress bar (tqdm.write keeps the bar intact)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -244,10 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise _UsageError("missing COMMAND: optimize, inspect, validate, passes, export, train or slim (see onnxdns --help)")
+        _configure_logging(args)
+        part = _required_part(args)
+        if part is not None:
+            extras.require(part, f"onnxdns {args.command}")
         return args.func(args)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else EXIT_OK
-    except (_UsageError, OnnxdnsError) as e:
+    except (_UsageError, OnnxdnsError, extras.MissingExtraError) as e:
         _error(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -258,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as e:
+        part = extras.part_of_import_error(e) if isinstance(e, ModuleNotFoundError) else None
+        if part is not None and not debug:  # an optional part that the checks above did not foresee
+            _error(str(extras.error_for(part, "this command")))
+            return EXIT_USAGE
         if debug:
             traceback.print_exc()
         else:

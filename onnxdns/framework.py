@@ -22,6 +22,9 @@ Contract of a pass (checked by ``tests/test_pass_contract.py`` for every registe
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
+import time
 from typing import Any, ClassVar
 
 import onnx
@@ -29,6 +32,7 @@ import onnx_ir as ir
 
 from onnxdns import modelio
 
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PassReport(ir.passes.PassResult):
@@ -49,22 +53,29 @@ class GraphPass(ir.passes.InPlacePass):
 
     def __call__(self, model: Any, /) -> Any:  # noqa: D401 - polymorphic entry point
         if isinstance(model, (ir.Model, ir.passes.PassResult)):
-            return super().__call__(model)
+            return self._run_logged(model)
         return self.apply(model).model
+
+    def _run_logged(self, model: Any) -> ir.passes.PassResult:
+        start = time.perf_counter()
+        result = super().__call__(model)
+        logger.info("%s: %s in %.3f s", self.name, "modified" if result.modified else "unchanged",
+                    time.perf_counter() - start)
+        return result
 
     def apply(self, model: Any) -> "Applied":
         """Run on any supported representation; returns the same representation plus the report."""
         if isinstance(model, onnx.ModelProto):
-            result = super().__call__(modelio.to_ir(model))
+            result = self._run_logged(modelio.to_ir(model))
             return Applied(modelio.to_proto(result.model), result.modified, _details(result))
         if _is_gs_graph(model):
             import onnx_graphsurgeon as gs
 
             proto = gs.export_onnx(model)
-            result = super().__call__(modelio.to_ir(proto))
+            result = self._run_logged(modelio.to_ir(proto))
             return Applied(gs.import_onnx(modelio.to_proto(result.model)), result.modified, _details(result))
         if isinstance(model, (ir.Model, ir.passes.PassResult)):
-            result = super().__call__(model)
+            result = self._run_logged(model)
             return Applied(result.model, result.modified, _details(result))
         raise TypeError(f"{self.name}: expected onnx.ModelProto, onnx_graphsurgeon.Graph or onnx_ir.Model, got {type(model).__name__}")
 
@@ -86,8 +97,6 @@ def _details(result: ir.passes.PassResult) -> dict[str, Any]:
 
 
 def _is_gs_graph(obj: Any) -> bool:
-    try:
-        import onnx_graphsurgeon as gs
-    except ImportError:  # pragma: no cover - gs is a declared dependency
-        return False
-    return isinstance(obj, gs.Graph)
+    # onnx-graphsurgeon is optional: a gs.Graph can only exist once the user has imported it.
+    gs = sys.modules.get("onnx_graphsurgeon")
+    return gs is not None and isinstance(obj, gs.Graph)

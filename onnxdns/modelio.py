@@ -12,8 +12,11 @@ pass).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,9 +28,19 @@ from onnx import numpy_helper
 
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
 
-#: What onnxruntime 1.19 (the last onnxruntime-training release) can load.
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
+#: Highest IR version and default-domain opset each onnxruntime release loads, from the release on:
+#: measured by loading an Identity model with every IR version and opset into the released wheel
+#: (1.17.3, 1.18.1, 1.19.2, 1.20.1, 1.21.1, 1.22.1, 1.23.2, 1.24.4, 1.26.0, 1.28.0, 1.30.0,
+#: 1.31.1, 1.32.0; see docs/stack.md). A release between two rows gets the lower row.
+RUNTIME_LIMITS = (
+    ((1, 17), 9, 20),
+    ((1, 18), 10, 21),
+    ((1, 21), 10, 22),
+    ((1, 23), 11, 23),
+    ((1, 24), 13, 25),
+    ((1, 26), 13, 26),
+    ((1, 32), 14, 28),
+)
 #: Operator domains whose operators onnxruntime implements (beyond the standard schemas).
 RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 #: Initializer tag (in ``ir.Value.meta``) asking :func:`to_proto` for sparse storage.
@@ -44,17 +57,48 @@ def opset_version(model: onnx.ModelProto | ir.Model, domain: str = "") -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1)
+def runtime_limits() -> tuple[int, int, str]:
+    """(max IR version, max default-domain opset, what sets them) for the installed stack.
+
+    The installed onnxruntime flavour's row of :data:`RUNTIME_LIMITS`, capped by what the
+    installed onnx package knows (its checker rejects newer models); onnx alone when no
+    onnxruntime is installed. Reads distribution metadata only: onnxruntime is not imported.
+    """
+    onnx_ir, onnx_opset = onnx.IR_VERSION, onnx.defs.onnx_opset_version()
+    dists = importlib.metadata.packages_distributions().get("onnxruntime", [])
+    if not dists:
+        return onnx_ir, onnx_opset, f"onnx {onnx.__version__}"
+    version = importlib.metadata.version(dists[0])
+    key = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    row = RUNTIME_LIMITS[0]
+    for candidate in RUNTIME_LIMITS:
+        if candidate[0] <= key:
+            row = candidate
+    what = f"{dists[0]} {version}"
+    return min(row[1], onnx_ir), min(row[2], onnx_opset), what
+
+
+def __getattr__(name: str) -> int:
+    """``MAX_IR_VERSION`` and ``MAX_OPSET``: the installed stack's limits (see :func:`runtime_limits`)."""
+    if name == "MAX_IR_VERSION":
+        return runtime_limits()[0]
+    if name == "MAX_OPSET":
+        return runtime_limits()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def check_supported(model: onnx.ModelProto, source: str = "model") -> None:
     """Raise :class:`UnsupportedModelError` unless this stack can run ``model``."""
-    if model.ir_version > MAX_IR_VERSION:
+    max_ir, max_opset, stack = runtime_limits()
+    if model.ir_version > max_ir:
         raise UnsupportedModelError(
-            f"{source}: IR version {model.ir_version} is newer than onnxruntime 1.19 runs "
-            f"(max {MAX_IR_VERSION}); re-export it with onnx<1.17"
+            f"{source}: IR version {model.ir_version} is newer than {stack} runs (max {max_ir})"
         )
     opset = opset_version(model)
-    if opset > MAX_OPSET:
+    if opset > max_opset:
         raise UnsupportedModelError(
-            f"{source}: opset {opset} is newer than onnxruntime 1.19 runs (max {MAX_OPSET})"
+            f"{source}: opset {opset} is newer than {stack} runs (max {max_opset})"
         )
     local_functions = {(f.domain, f.name) for f in model.functions}
     imports = {imp.domain: imp.version for imp in model.opset_import}

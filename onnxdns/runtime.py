@@ -7,9 +7,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxdns.errors import OnnxdnsError
+from onnxdns.extras import optional_import
+
+# Any onnxruntime flavour (onnxdns[cpu], [cuda] or [train]); without one, the passes still import
+# and running a model says which extra to install.
+ort = optional_import("onnxruntime", "runtime", "running models")
 
 
 def available_providers() -> list[str]:

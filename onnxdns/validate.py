@@ -15,14 +15,14 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeAlias
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxdns import data as data_module
 from onnxdns import runtime
+from onnxdns.runtime import ort  # imported on first use: onnxdns[cpu], [cuda] or [train]
 from onnxdns.errors import OnnxdnsError
 
 #: Dataset names accepted by ``data=`` besides ``"random"``.
@@ -36,7 +36,7 @@ RANDOM_SAMPLES = 256
 #: Float input types that feeds are cast to (an fp16 model gets the same data as its fp32 source).
 _FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
-ModelLike = onnx.ModelProto | str | os.PathLike | bytes | ort.InferenceSession
+ModelLike: TypeAlias = "onnx.ModelProto | str | os.PathLike | bytes | ort.InferenceSession"
 
 
 @dataclasses.dataclass(frozen=True)

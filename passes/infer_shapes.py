@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
 
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass, PassReport
@@ -23,6 +22,8 @@ class InferShapesPass(GraphPass):
     otherwise inference is best-effort and a failure leaves the model unchanged.
 
     Weights are not copied for inference: initializers over 1 KiB are passed as typed inputs.
+    Uses only public APIs of onnx (``onnx.shape_inference``) and onnx-ir (``serde``, graph
+    inputs and initializers), so new releases of either do not break it.
     """
 
     name = "infer-shapes"
@@ -65,15 +66,43 @@ def infer_proto(model: ir.Model, *, strict: bool = False, data_prop: bool = True
                     out.type.tensor_type.ClearField("shape")
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=strict, data_prop=data_prop)
 
-    order = list(model.graph.initializers)
+    return infer(_proto_without_large_weights(model))
+
+
+#: Initializers larger than this (bytes) go to shape inference as typed graph inputs, not values.
+LARGE_WEIGHT_BYTES = 1024
+
+
+def _proto_without_large_weights(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model`` with every initializer over :data:`LARGE_WEIGHT_BYTES` turned into a typed
+    graph input (shape inference needs the types and shapes, not the values); ``model`` is
+    restored before returning: same inputs, initializers, order and values."""
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    large = [v for v in initializers if v.const_value is not None and v.const_value.nbytes > LARGE_WEIGHT_BYTES]
+    if not large:
+        return ir.serde.serialize_model(model)
+    annotations = [(v.shape, v.type) for v in large]
+    n_inputs = len(graph.inputs)
     try:
-        return _c_api_utils.call_onnx_api(infer, model)
+        for value in large:
+            if value.shape is None:
+                value.shape = value.const_value.shape
+            if value.type is None:
+                value.dtype = value.const_value.dtype
+            graph.initializers.pop(value.name)
+            if value not in graph.inputs:
+                graph.inputs.append(value)
+        return ir.serde.serialize_model(model)
     finally:
-        # call_onnx_api re-registers large initializers at the end: restore the original order.
-        if list(model.graph.initializers) != order:
-            values = [model.graph.initializers.pop(name) for name in order]
-            for value in values:
-                model.graph.initializers[value.name] = value
+        while len(graph.inputs) > n_inputs:
+            graph.inputs.pop()
+        for name in list(graph.initializers):
+            graph.initializers.pop(name)
+        for value in initializers:
+            graph.initializers[value.name] = value
+        for value, (shape, type_) in zip(large, annotations):
+            value.shape, value.type = shape, type_
 
 
 def _merge(model: ir.Model, inferred: ir.Model) -> int:

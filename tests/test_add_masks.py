@@ -9,7 +9,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxdns import runtime
 from onnxdns.errors import OnnxdnsError
-from onnxdns.models import build
 from onnxdns.passes.add_masks import AddMasksPass
 from onnxdns.registry import get_pass
 from onnxdns.testing import assert_exact, export_module
@@ -46,7 +45,10 @@ def _matmul_graph() -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.torch
 def test_lenet5_exact_and_idempotent():
+    from onnxdns.models import build
+
     model = export_module(build("lenet-5"), (1, 28, 28))
     applied = AddMasksPass(biases=True).apply(model)
     assert applied.modified
@@ -66,7 +68,10 @@ def test_lenet5_exact_and_idempotent():
     assert again.model.SerializeToString() == masked.SerializeToString()
 
 
+@pytest.mark.torch
 def test_weights_only_by_default_and_op_selection():
+    from onnxdns.models import build
+
     model = export_module(build("lenet-5"), (1, 28, 28))
     default = AddMasksPass().apply(model).details["masked"]
     assert sorted(default) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
@@ -104,7 +109,10 @@ def test_partially_masked_weight_reuses_its_mask():
     assert sum(i.name.startswith("w2__mask") for i in again.model.graph.initializer) == 1
 
 
+@pytest.mark.torch
 def test_registered_and_folded_back():
+    from onnxdns.models import build
+
     model = export_module(build("lenet-300-100"), (1, 28, 28))
     masked = get_pass("add-masks")(model)
     assert isinstance(masked, onnx.ModelProto)

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxdns.passes
-from onnxdns import api, registry
+from onnxdns import api, modelio, registry
 from onnxdns.cli import main
 from onnxdns.framework import GraphPass, PassReport
 
@@ -91,20 +91,21 @@ def image_file(tmp_path: Path) -> Path:
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Broken input files, each with a fragment of the expected message."""
     good = tiny_model().SerializeToString()
+    too_new_ir, too_new_opset = modelio.MAX_IR_VERSION + 1, modelio.MAX_OPSET + 1  # the installed stack's limits
     cases = {
         "missing": (tmp_path / "missing.onnx", "no such file"),
         "directory": (tmp_path / "adir", "is a directory"),
         "not-onnx": (tmp_path / "notes.onnx", "not"),
         "truncated": (tmp_path / "truncated.onnx", "not"),
-        "ir-11": (tmp_path / "ir11.onnx", "IR version 11"),
-        "opset-22": (tmp_path / "opset22.onnx", "opset 22"),
+        "ir-11": (tmp_path / "ir11.onnx", f"IR version {too_new_ir}"),
+        "opset-22": (tmp_path / "opset22.onnx", f"opset {too_new_opset}"),
         "unsupported-op": (tmp_path / "unknown_op.onnx", "unsupported operator"),
     }
     (tmp_path / "adir").mkdir()
     (tmp_path / "notes.onnx").write_text("these are not the weights you are looking for\n" * 20)
     (tmp_path / "truncated.onnx").write_bytes(good[: len(good) // 2])
-    (tmp_path / "ir11.onnx").write_bytes(tiny_model(ir_version=11).SerializeToString())
-    (tmp_path / "opset22.onnx").write_bytes(tiny_model(opset=22).SerializeToString())
+    (tmp_path / "ir11.onnx").write_bytes(tiny_model(ir_version=too_new_ir).SerializeToString())
+    (tmp_path / "opset22.onnx").write_bytes(tiny_model(opset=too_new_opset).SerializeToString())
     (tmp_path / "unknown_op.onnx").write_bytes(tiny_model(op="FrobnicateNonexistent").SerializeToString())
     return cases
 
@@ -193,6 +194,7 @@ def test_missing_data(image_file, tmp_path, capsys):
     assert_user_error(code, err)
 
 
+@pytest.mark.torch
 def test_unknown_model_for_export(tmp_path, capsys):
     code, _, err = run(capsys, "export", "no-such-model", "-o", tmp_path / "m.onnx")
     assert_user_error(code, err, "unknown model 'no-such-model'")
@@ -261,6 +263,7 @@ def test_validate_on_mnist_reports_accuracy(image_file, capsys):
     assert "accuracy" in out and "mnist, 100 samples" in out
 
 
+@pytest.mark.torch
 def test_export_list_and_export(tmp_path, capsys):
     from onnxdns import models
 

@@ -192,6 +192,7 @@ def test_call_styles_and_idempotence():
     check_idempotent(ConvertFp16Pass, model)
 
 
+@pytest.mark.torch
 def test_torch_exported_net():
     torch = pytest.importorskip("torch")
     from onnxdns.testing import export_module

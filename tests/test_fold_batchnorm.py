@@ -154,6 +154,7 @@ def test_call_styles_and_idempotence():
     check_idempotent(FoldBatchNormPass, model)
 
 
+@pytest.mark.torch
 def test_torch_exported_conv_bn_net_folds_exactly():
     torch = pytest.importorskip("torch")
     from onnxdns.testing import export_module

@@ -7,10 +7,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxdns.errors import OnnxdnsError
-from onnxdns.passes.infer_shapes import InferShapesPass
+from onnxdns.passes.infer_shapes import InferShapesPass, infer_proto
 from passkit import (all_call_styles, assert_exact, check_idempotent, init, make_model, roundtrip, same_bytes,
                      tensor_input)
 
@@ -44,11 +43,20 @@ def test_infers_static_shapes_with_data_propagation():
     assert_exact(model, result.model, rel=0)
 
 
-def test_onnx_ir_shape_inference_reorders_initializers():
-    """Why the pass restores the order: onnx-ir 1.1.0 re-registers large initializers last."""
-    ir_model = ir.serde.deserialize_model(reshape_model())
-    ShapeInferencePass()(ir_model)
-    assert list(ir_model.graph.initializers) == ["minus1", "w"]
+@pytest.mark.parametrize("weight_is_input", [False, True])
+def test_infer_proto_leaves_the_model_unchanged_and_sends_no_large_weights(weight_is_input):
+    """Large weights go to ONNX shape inference as typed inputs, without their values; afterwards the
+    model has the same inputs, initializers (order, values) and annotations as before."""
+    proto = reshape_model()
+    if weight_is_input:  # as torch's keep_initializers_as_inputs exports write them
+        proto.graph.input.append(tensor_input("w", [3, 300]))
+    ir_model = ir.serde.deserialize_model(proto)
+    before = ir.serde.serialize_model(ir_model).SerializeToString(deterministic=True)
+    inferred = infer_proto(ir_model)
+    assert ir.serde.serialize_model(ir_model).SerializeToString(deterministic=True) == before
+    assert [t.name for t in inferred.graph.initializer] == ["minus1"]  # 3600 bytes of "w" not copied
+    assert [i.name for i in inferred.graph.input] == ["x", "w"]
+    assert {i.name for i in inferred.graph.value_info} >= {"h", "s", "target"}
 
 
 def test_already_annotated_model_is_untouched():

@@ -11,6 +11,8 @@ from torch import nn
 from onnxdns import models, modelio, runtime
 from onnxdns.errors import OnnxdnsError
 
+pytestmark = pytest.mark.torch  # every test builds models with torch (onnxdns[zoo])
+
 SMALL = [name for name in models.MODELS if name != "vgg16-imagenet"]
 
 

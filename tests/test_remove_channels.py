@@ -13,6 +13,8 @@ from onnxdns.passes.remove_channels import RemoveChannelsPass
 from onnxdns.synthetic import randomize_batchnorm, zero_channels
 from onnxdns.testing import assert_exact, export_module
 
+pytestmark = pytest.mark.torch  # every test builds models with torch (onnxdns[zoo])
+
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -17,6 +17,8 @@ from onnxdns.passes.remove_channels import RemoveChannelsPass
 from onnxdns.synthetic import prunable_layers, randomize_batchnorm, zero_channels
 from onnxdns.testing import assert_exact, export_module
 
+pytestmark = pytest.mark.torch  # every test builds models with torch (onnxdns[zoo])
+
 ZOO = [name for name in MODELS if name != "vgg16-imagenet"]
 
 

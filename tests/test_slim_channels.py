@@ -15,6 +15,8 @@ from onnxdns.passes.slim_channels import SlimChannelsPass
 from onnxdns.synthetic import randomize_batchnorm
 from onnxdns.testing import assert_exact, export_module
 
+pytestmark = pytest.mark.torch  # every test builds models with torch (onnxdns[zoo])
+
 
 def _inits(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -322,6 +322,7 @@ def test_sensitivities_are_measured_on_the_model_outputs():
     assert sens[layers[-1].index] == pytest.approx(1.0, rel=0.25)
 
 
+@pytest.mark.train
 def test_finetune_updates_the_split_model_in_place():
     from onnxdns.lowrank.finetune import finetune
 

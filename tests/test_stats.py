@@ -185,6 +185,7 @@ def test_unknown_shapes_give_unknown_macs_not_an_error():
     assert s.params == 6
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["resnet-20", "mobilenet-v2"])
 def test_zoo_macs_match_the_pytorch_count(name, tmp_path):
     """Exported zoo models (residual adds, depthwise convs): ONNX MACs equal the PyTorch hook count."""

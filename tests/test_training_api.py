@@ -20,6 +20,8 @@ from onnxdns.training import api, artifacts, loop
 from onnxdns.training.cli import add_train_arguments, run_train
 from onnxdns.training.session import TrainingSession
 
+pytestmark = pytest.mark.train  # every test needs onnxruntime-training (onnxdns[train])
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:

@@ -18,6 +18,8 @@ from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import select_parameters
 from onnxdns.training.session import TrainingSession
 
+pytestmark = pytest.mark.train  # every test needs onnxruntime-training (onnxdns[train])
+
 
 def _lenet5_forward(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     h = F.max_pool2d(F.conv2d(x, p["conv1.weight"], p["conv1.bias"]), 2)

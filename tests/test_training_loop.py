@@ -22,6 +22,8 @@ from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import select_parameters
 from onnxdns.training.session import TrainingSession
 
+pytestmark = pytest.mark.train  # every test needs onnxruntime-training (onnxdns[train])
+
 RUN = dict(method="dns", iterations=25, subset=640, test_subset=500, lr=0.05, dns_c="0.5", dns_phases="fc:20",
            schedule="cosine", seed=3, threads=2, progress=False)
 

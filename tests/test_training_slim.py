@@ -24,6 +24,8 @@ from onnxdns.training.params import select_parameters
 from onnxdns.training.session import TrainingSession
 from onnxdns.training.slim import penalty
 
+pytestmark = pytest.mark.train  # every test needs onnxruntime-training (onnxdns[train])
+
 
 class SmallBN(nn.Module):
     """conv-BN-ReLU, pool, conv-BN-ReLU, global pool, linear: 28x28 inputs, 10 classes."""

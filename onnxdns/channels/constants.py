@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxdns import runtime
+from onnxdns.extras import MissingExtraError
 
 
 def unknown(n: int) -> np.ndarray:
@@ -66,6 +67,8 @@ def evaluate_node(
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
     try:
         (out, *_) = runtime.run(model, feeds, optimization="disable")
+    except MissingExtraError:
+        raise
     except Exception:  # an op/attribute combination onnxruntime rejects on this input  # noqa: BLE001
         return None
     out = np.asarray(out, dtype=np.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ from onnxdns.errors import OnnxdnsError
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import MaskedLayer, layer_density
 from onnxdns.training.session import TrainingSession
+
+logger = logging.getLogger(__name__)
 
 STATE_DIR = "state"
 ORT_CHECKPOINT = "ort_checkpoint"
@@ -241,7 +244,7 @@ class Trainer:
                             saved, saved_step = self.save_checkpoint(), self.step
                         interrupted = True
                         where = f"checkpoint saved in {self.checkpoint_dir}" if saved else "no checkpoint folder: nothing saved"
-                        print(f"interrupted after step {self.step} of {self.total_steps}; {where}", file=sys.stderr, flush=True)
+                        logger.warning("interrupted after step %d of %d; %s", self.step, self.total_steps, where)
                         break
         finally:
             bar.close()
@@ -358,8 +361,7 @@ def _deferred_interrupt() -> Iterator[_Interrupt]:
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
-        print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        logger.warning("interrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
