@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything onnxdns needs on a fresh Debian machine: the Fashion-MNIST package (when
-# root can install it) and a Python 3.11 virtual environment in .venv with onnxdns installed.
+# root can install it) and the full environment: a Python 3.11 virtual environment in .venv with
+# onnxdns and all its extras (train, zoo, test) on the pinned stack of scripts/constraints-full.txt
+# (onnxruntime-training-cpu 1.19.2, onnx 1.16.2, torch 2.13.0; see docs/stack.md).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,20 +16,20 @@ fi
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
       python=$candidate; break
     fi
   done
 fi
-[ -n "$python" ] || { echo "onnxdns needs Python 3.11 (onnxruntime-training 1.19.2 wheels)"; exit 1; }
+[ -n "$python" ] || { echo "the full environment needs Python 3.11 (onnxruntime-training 1.19.2, torch 2.13.0 on disk)"; exit 1; }
 
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $python"
   "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, pytest' >/dev/null 2>&1; then
-  echo "==> installing onnxdns and its pinned stack into .venv"
+if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, torch, onnx_graphsurgeon, pytest' >/dev/null 2>&1; then
+  echo "==> installing onnxdns[train,zoo,test] and its pinned stack into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[train,zoo,test]' -c scripts/constraints-full.txt
 fi
 export PATH="$root/.venv/bin:$PATH"

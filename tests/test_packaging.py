@@ -22,3 +22,23 @@ def test_every_package_folder_is_listed_in_pyproject():
             found.add(".".join([package, *rel.parts]) if rel.parts else package)
     assert found <= listed, f"not installed: {sorted(found - listed)}"
     assert "passes" not in listed and "models" not in listed  # no top-level packages of those names
+
+
+def test_core_dependencies_leave_the_runtime_and_torch_to_extras():
+    """`pip install onnxdns` brings no torch and no onnxruntime flavour (it goes beside the user's
+    onnxruntime or onnxruntime-gpu); each flavour is one extra; training pins its stack."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {r.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip()
+                for r in requirements}
+
+    assert names(project["dependencies"]) == {"onnx", "onnx-ir", "numpy", "tqdm"}
+    extras = project["optional-dependencies"]
+    assert names(extras["cpu"]) == {"onnxruntime"} and names(extras["cuda"]) == {"onnxruntime-gpu"}
+    assert names(extras["train"]) == {"onnxruntime-training-cpu", "onnx", "torch"}
+    assert "onnxruntime-training-cpu==1.19.2; python_version < '3.13'" in extras["train"]
+    assert "onnx>=1.16,<1.17" in extras["train"]
+    assert names(extras["zoo"]) == {"torch"}
+    assert {"pytest", "onnx-graphsurgeon"} <= names(extras["test"])
+    assert project["requires-python"] == ">=3.10,<3.14"
