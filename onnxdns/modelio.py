@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +28,8 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 #: Highest IR version and default-domain opset each onnxruntime release loads, from the release on:
 #: measured by loading an Identity model with every IR version and opset into the released wheel
@@ -66,7 +69,10 @@ def runtime_limits() -> tuple[int, int, str]:
     onnxruntime is installed. Reads distribution metadata only: onnxruntime is not imported.
     """
     onnx_ir, onnx_opset = onnx.IR_VERSION, onnx.defs.onnx_opset_version()
-    dists = importlib.metadata.packages_distributions().get("onnxruntime", [])
+    dists = sorted(set(importlib.metadata.packages_distributions().get("onnxruntime", [])))
+    if len(dists) > 1:
+        logger.warning("several distributions install the onnxruntime module (%s): they overwrite each other's "
+                       "files; uninstall all but one", ", ".join(dists))
     if not dists:
         return onnx_ir, onnx_opset, f"onnx {onnx.__version__}"
     version = importlib.metadata.version(dists[0])
