@@ -189,3 +189,22 @@ def test_runtime_limits_follow_the_installed_onnxruntime():
     x = np.arange(2, dtype=np.float32)
     np.testing.assert_array_equal(runtime.run(newest, {"x": x})[0], x)
     assert extras.available("runtime")
+
+
+def test_cuda_fp16_pipeline_keeps_ir_version_and_opset(model_file, tmp_path, capsys):
+    out = tmp_path / "fp16.onnx"
+    code = main(["optimize", str(model_file), "-o", str(out), "--target", "cuda", "--precision", "fp16", "--no-validate"])
+    assert code == 0, capsys.readouterr().err
+    after = onnx.load(str(out))
+    assert (after.ir_version, [(o.domain, o.version) for o in after.opset_import]) == (IR_VERSION, [("", OPSET)])
+
+
+def test_verbose_logs_each_pass_and_quiet_shows_nothing(model_file, tmp_path, capsys):
+    assert main(["optimize", str(model_file), "-o", str(tmp_path / "a.onnx"), "--no-validate", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "onnxdns: remove-channels: modified in" in err and "onnxdns: fold-masks: unchanged in" in err
+    assert main(["optimize", str(model_file), "-o", str(tmp_path / "b.onnx"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.strip()  # results still go to stdout
+    assert main(["optimize", str(model_file), "-o", str(tmp_path / "c.onnx"), "--no-validate"]) == 0
+    assert "modified in" not in capsys.readouterr().err  # default: warnings only
