@@ -1,7 +1,9 @@
 """The ``onnxdns`` command line: parses arguments, calls :mod:`onnxdns.api`, prints the results.
 
-Exit status: 0 success, 1 internal error (traceback with ``--debug``), 2 user mistake (one line
-on stderr), 3 validation of an optimized model failed (the output file is kept), 130 interrupted.
+Exit status: 0 success, 1 internal error (traceback with ``--debug``), 2 user mistake or missing
+extra (one line on stderr), 3 validation of an optimized model failed (the output file is kept),
+130 interrupted. Library modules log through ``logging``; the CLI shows their warnings on stderr
+(``--quiet``: errors only, ``--verbose``: each pass and its time).
 """
 
 from __future__ import annotations
