@@ -3,10 +3,8 @@
 #   full: .venv, Python 3.11, onnxdns[train,zoo,test] on the pinned stack (scripts/setup.sh): all tests;
 #   core: .venv-core, Python 3.13, onnxdns[cpu,test] with the newest onnx, onnx-ir and onnxruntime,
 #         no torch (scripts/setup_core.sh): every test not marked torch or train.
-# The core set-up (mostly downloads) runs in the background while the full environment is set up
-# and tested. Extra arguments go to pytest in both runs (e.g. tests/test_cli.py -k optimize).
-# Prints the time of each part; exits non-zero if either run fails. ONNXDNS_TEST_ENVS=full (or
-# core) runs one.
+# Extra arguments go to pytest in both runs (e.g. tests/test_cli.py -k optimize). Prints the time
+# of each part; exits non-zero if either run fails. ONNXDNS_TEST_ENVS=full (or core) runs one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -39,14 +37,6 @@ run_pytest() {
 }
 NARGS=$#
 
-core_log=$(mktemp)
-trap 'rm -f "$core_log"' EXIT
-if [[ " $envs " == *" core "* ]]; then
-  core_start=$(now)
-  ( rc=0; bash scripts/setup_core.sh >"$core_log" 2>&1 || rc=$?; echo "$rc $(since "$core_start")" >>"$core_log" ) &
-  core_setup_pid=$!
-fi
-
 for env in $envs; do
   start=$(now)
   case $env in
@@ -56,16 +46,12 @@ for env in $envs; do
       # what the markers rely on: in this environment nothing may be skipped for a missing part
       "$python" -c 'import torch, onnxruntime.training' ;;
     core)
-      wait "$core_setup_pid" || true
-      read -r core_rc core_s < <(tail -n 1 "$core_log")
-      sed '$d' "$core_log" | grep -v "is ignored: it is neither" || true
-      [ "$core_rc" = 0 ] || { echo "core set-up failed"; exit 1; }
+      bash scripts/setup_core.sh
       python=.venv-core/bin/python ;;
     *) echo "unknown environment '$env' (full, core)"; exit 2 ;;
   esac
-  setup_s="$(since "$start") s"
-  if [ "$env" = core ]; then setup_s="$core_s s in the background (waited $setup_s)"; fi
-  echo "==> $env environment ($(versions "$python")); set-up $setup_s"
+  setup_s=$(since "$start")
+  echo "==> $env environment ($(versions "$python")); set-up ${setup_s} s"
   start=$(now)
   rc=0
   if [ "$env" = full ]; then
@@ -74,7 +60,7 @@ for env in $envs; do
     PATH="$root/.venv-core/bin:$PATH" run_pytest "$python" -m "not torch and not train" "$@" || rc=$?
   fi
   test_s=$(since "$start")
-  summary+=("$env environment: set-up $setup_s, tests $test_s s, exit status $rc")
+  summary+=("$env environment: set-up ${setup_s} s, tests ${test_s} s, exit status $rc")
   [ "$rc" = 0 ] || status=1
 done
 
