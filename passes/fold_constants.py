@@ -269,7 +269,7 @@ def _apply(graph: ir.Graph, plan: _Plan, results: dict[ir.Value, np.ndarray]) ->
     """Swap the targets for initializers and drop what became unused; returns nodes removed."""
     new_values: dict[ir.Value, ir.Value] = {}
     for value, array in results.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # not np.ascontiguousarray: it makes a 0-d array 1-d
         new = ir.Value(shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                        const_value=ir.tensor(array))
         ir.convenience.replace_all_uses_with(value, new, replace_graph_outputs=True)

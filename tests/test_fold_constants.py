@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
+from onnxdns import runtime
 from onnxdns.passes import fold_constants
 from onnxdns.passes.fold_constants import FoldConstantsPass
 from passkit import (all_call_styles, assert_exact, check_idempotent, init, initializer_arrays, make_model,
@@ -154,6 +155,48 @@ def test_folded_graph_output_keeps_its_name():
     assert [o.name for o in result.model.graph.output] == ["y", "k"]
     assert_exact(model, result.model, rel=0)
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_folded_scalars_stay_scalars():
+    """A folded 0-d result stays 0-d (onnx node test test_size: a scalar output came back as [1])."""
+    nodes = [helper.make_node("Size", ["x"], ["n"]),  # static Size of a graph input
+             helper.make_node("Add", ["a", "b"], ["s"]),  # evaluated in onnxruntime
+             helper.make_node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [tensor_input("x", [2, 3])],
+                       [tensor_input("y", [2, 3]), tensor_input("n", [], INT64), tensor_input("s", [])],
+                       [init("a", np.float32(1.5)), init("b", np.float32(2.0))])
+    result = FoldConstantsPass().apply(model)
+    assert op_types(result.model) == ["Relu"]
+    assert {k: v.shape for k, v in initializer_arrays(result.model).items()} == {"n": (), "s": ()}
+    y, n, s = run(result.model, {"x": np.ones((2, 3), np.float32)})
+    assert n.shape == () and int(n) == 6 and s.shape == () and float(s) == 3.5
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_range_fed_by_folded_scalars_still_loads():
+    """Range demands 0-d inputs: folded ones that came back as [1] made onnxruntime reject the model
+    (onnx node tests test_affine_grid_2d_expanded and ..._align_corners_expanded, after their If
+    condition, a Size of a static input, was folded)."""
+    nodes = [helper.make_node("Size", ["x"], ["n"]),
+             helper.make_node("Sub", ["n", "one"], ["start"]),
+             helper.make_node("Equal", ["n", "six"], ["is_six"]),
+             helper.make_node("Where", ["is_six", "one", "two"], ["delta"]),
+             helper.make_node("Range", ["start", "limit", "delta"], ["y"])]
+    then = helper.make_graph([helper.make_node("Range", ["start", "limit", "one"], ["t"])], "then", [],
+                             [tensor_input("t", ["k"], INT64)])
+    other = helper.make_graph([helper.make_node("Range", ["start", "limit", "two"], ["e"])], "else", [],
+                              [tensor_input("e", ["k"], INT64)])
+    nodes.append(helper.make_node("If", ["is_six"], ["z"], then_branch=then, else_branch=other))
+    inits = [init(name, np.int64(v)) for name, v in (("one", 1), ("two", 2), ("six", 6))]
+    model = make_model(nodes, [tensor_input("x", [2, 3]), tensor_input("limit", [], INT64)],
+                       [tensor_input("y", ["k"], INT64), tensor_input("z", ["k"], INT64)], inits)
+    result = FoldConstantsPass().apply(model)
+    assert op_types(result.model) == ["Range", "If"]
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = {"x": np.ones((2, 3), np.float32), "limit": np.array(12, np.int64)}
+    for level in ("disable", "all"):  # "all": onnxruntime inlines the If once its condition is constant
+        outputs = runtime.run(result.model, feeds, optimization=level)
+        assert [o.tolist() for o in outputs] == [[5, 6, 7, 8, 9, 10, 11]] * 2
 
 
 def test_value_used_in_a_subgraph_and_unsorted_graph():
