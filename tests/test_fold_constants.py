@@ -173,30 +173,70 @@ def test_folded_scalars_stay_scalars():
     onnx.checker.check_model(result.model, full_check=True)
 
 
-def test_range_fed_by_folded_scalars_still_loads():
-    """Range demands 0-d inputs: folded ones that came back as [1] made onnxruntime reject the model
-    (onnx node tests test_affine_grid_2d_expanded and ..._align_corners_expanded, after their If
-    condition, a Size of a static input, was folded)."""
+def constant_if_model() -> onnx.ModelProto:
+    """The shape of the AffineGrid function body (onnx node test test_affine_grid_2d_expanded):
+    an If on the input's rank, whose 2-D branch gives Range a 1-element 1-D limit."""
+    then = helper.make_graph([helper.make_node("Identity", ["one_1d"], ["d_then"])], "then", [],
+                             [tensor_input("d_then", None, INT64)])
+    other = helper.make_graph([helper.make_node("Identity", ["two_1d"], ["d_else"])], "else", [],
+                              [tensor_input("d_else", None, INT64)])
     nodes = [helper.make_node("Size", ["x"], ["n"]),
-             helper.make_node("Sub", ["n", "one"], ["start"]),
              helper.make_node("Equal", ["n", "six"], ["is_six"]),
-             helper.make_node("Where", ["is_six", "one", "two"], ["delta"]),
-             helper.make_node("Range", ["start", "limit", "delta"], ["y"])]
-    then = helper.make_graph([helper.make_node("Range", ["start", "limit", "one"], ["t"])], "then", [],
-                             [tensor_input("t", ["k"], INT64)])
-    other = helper.make_graph([helper.make_node("Range", ["start", "limit", "two"], ["e"])], "else", [],
-                              [tensor_input("e", ["k"], INT64)])
-    nodes.append(helper.make_node("If", ["is_six"], ["z"], then_branch=then, else_branch=other))
-    inits = [init(name, np.int64(v)) for name, v in (("one", 1), ("two", 2), ("six", 6))]
-    model = make_model(nodes, [tensor_input("x", [2, 3]), tensor_input("limit", [], INT64)],
-                       [tensor_input("y", ["k"], INT64), tensor_input("z", ["k"], INT64)], inits)
+             helper.make_node("If", ["is_six"], ["d"], then_branch=then, else_branch=other),
+             helper.make_node("Range", ["zero", "d", "one"], ["steps"]),
+             helper.make_node("Cast", ["steps"], ["steps_f"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "steps_f"], ["y"])]
+    inits = [init("zero", np.int64(0)), init("one", np.int64(1)), init("six", np.int64(6)),
+             init("one_1d", np.array([1], np.int64)), init("two_1d", np.array([2], np.int64))]
+    return make_model(nodes, [tensor_input("x", [2, 3])], [tensor_input("y", [2, 3])], inits)
+
+
+def test_if_with_constant_condition_is_inlined_and_folded():
+    """Folding the If's condition made onnxruntime (optimization on) inline the branch and reject
+    Range's now-constant 1-D limit at load time. The pass inlines the branch itself and folds it."""
+    model = constant_if_model()
+    assert runtime.make_session(model)  # the input loads
     result = FoldConstantsPass().apply(model)
-    assert op_types(result.model) == ["Range", "If"]
+    assert result.details["inlined_ifs"] == ["d"]
+    assert op_types(result.model) == ["Add"]
+    assert initializer_arrays(result.model)["steps_f"].tolist() == [0.0]
     onnx.checker.check_model(result.model, full_check=True)
-    feeds = {"x": np.ones((2, 3), np.float32), "limit": np.array(12, np.int64)}
-    for level in ("disable", "all"):  # "all": onnxruntime inlines the If once its condition is constant
-        outputs = runtime.run(result.model, feeds, optimization=level)
-        assert [o.tolist() for o in outputs] == [[5, 6, 7, 8, 9, 10, 11]] * 2
+    feeds = {"x": RNG.standard_normal((2, 3)).astype(np.float32)}
+    for level in ("disable", "all"):
+        assert_exact(model, result.model, rel=0, feeds=feeds)
+        assert runtime.run(result.model, feeds, optimization=level)[0].tolist() == feeds["x"].tolist()
+    check_idempotent(FoldConstantsPass, model)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_inlined_branch_keeps_graph_output_names(cond):
+    """The taken branch's nodes join the main graph (clashing names renamed); an If output that is a
+    graph output keeps its name, also when the branch returns its own initializer; the other branch's
+    reads are gone, so what only it used is dead."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "a"], ["t"]), helper.make_node("Neg", ["t"], ["y2"])],
+                             "then", [], [tensor_input("y2", [2]), tensor_input("k", [2])],
+                             [init("k", np.float32([5, 6]))])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "b"], ["t_else"])], "else", [],
+                              [tensor_input("t_else", [2]), tensor_input("k2", [2])], [init("k2", np.float32([7, 8]))])
+    # a second If (on an input) whose branch uses the name "t" too
+    clash = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["u"])],
+                              "clash", [], [tensor_input("u", [2])])
+    nodes = [helper.make_node("Not", ["c"], ["nc"]),
+             helper.make_node("If", ["nc"], ["y", "z"], then_branch=then, else_branch=other),
+             helper.make_node("If", ["d"], ["r"], then_branch=clash, else_branch=clash)]
+    model = make_model(nodes, [tensor_input("x", [2]), tensor_input("d", [], onnx.TensorProto.BOOL)],
+                       [tensor_input("y", [2]), tensor_input("z", [2]), tensor_input("r", [2])],
+                       [init("c", np.array(not cond)), init("a", np.float32([2, 3])), init("b", np.float32([1, 1]))])
+    result = FoldConstantsPass().apply(model)
+    assert op_types(result.model) == (["Mul", "Neg", "If"] if cond else ["Sub", "If"])
+    assert [o.name for o in result.model.graph.output] == ["y", "z", "r"]
+    assert "t" not in {o for n in result.model.graph.node for o in n.output}
+    for d in (True, False):
+        assert_exact(model, result.model, rel=0, feeds={"x": np.float32([1, -2]), "d": np.array(d)})
+    onnx.checker.check_model(result.model, full_check=True)
+    unused = {"a", "b"} - {i for n in result.model.graph.node for i in n.input}
+    assert unused == ({"b"} if cond else {"a"})
+    check_idempotent(FoldConstantsPass, model)
 
 
 def test_value_used_in_a_subgraph_and_unsorted_graph():
