@@ -1,7 +1,7 @@
 """onnx's backend node tests through the cpu pipeline: an optimized model loads and matches, or
 optimize refuses with one clean line.
 
-The whole suite runs, no sample (about 10 s of CPU for 1,282 tests): every single-operator test
+The whole suite runs, no sample (about 20 s of CPU for 1,282 tests, both variants): every single-operator test
 of the installed onnx, read by :func:`onnx.backend.test.loader.load_model_tests` (onnx <= 1.16
 ships them as files under ``onnx/backend/test/data/node/``; newer releases generate them in
 memory from ``onnx.backend.test.case.node``). A test is skipped, with the reason, when the
@@ -14,6 +14,10 @@ Otherwise :func:`onnxdns.api.optimize` (cpu pipeline, numeric validation off) mu
   count, same shape and dtype per output (a ``[]`` that became ``[1]`` fails), values within the
   test's tolerances (onnx's own: rtol 1e-3, atol 1e-7 unless the test sets its own); or
 * raise :class:`~onnxdns.errors.OnnxdnsError` with a one-line message (a clean refusal).
+
+Each test runs twice: as written (the operator's inputs are graph inputs), and with its inputs
+stored as initializers, so that fold-constants computes the operator and the folded result is
+what is compared.
 
 No torch and no onnxruntime.training: this runs in the pinned stack and in a core one.
 """
@@ -165,12 +169,36 @@ MATCHED, REFUSED, SKIPPED, SILENTLY_WRONG, BROKEN, FAILED_VALIDATION, CRASHED = 
     "matched", "refused", "skipped", "silently-wrong", "broken-exit-0", "validation-failed", "crashed")
 
 
-def check_case(case: Any, tmp: Path) -> tuple[str, str]:
-    """(outcome, detail) of the cpu pipeline on one node test."""
+def as_constants(model: onnx.ModelProto, data: list[tuple[list[Any], list[Any]]]
+                 ) -> tuple[onnx.ModelProto | None, list[tuple[list[Any], list[Any]]], str]:
+    """The model with its test inputs stored as initializers (no graph inputs left), so that
+    fold-constants computes the operator; or None and why that cannot be done."""
+    if len(data) != 1 or not data[0][0] or not all(isinstance(x, np.ndarray) for x in data[0][0]):
+        return None, data, "not one data set of tensor inputs"
+    ins, outs = data[0]
+    try:
+        inits = [numpy_helper.from_array(x, vi.name) for x, vi in zip(ins, model.graph.input)]
+    except Exception as e:  # noqa: BLE001 - numpy_helper raises several types for exotic dtypes
+        return None, data, f"an input cannot be stored as an initializer: {e}"
+    constant = onnx.ModelProto()
+    constant.CopyFrom(model)
+    del constant.graph.input[:]
+    constant.graph.initializer.extend(inits)
+    constant.ir_version = max(constant.ir_version, 4)  # IR < 4: every initializer must be a graph input
+    return constant, [([], outs)], ""
+
+
+def check_case(case: Any, tmp: Path, constant_inputs: bool = False) -> tuple[str, str]:
+    """(outcome, detail) of the cpu pipeline on one node test, with its inputs as graph inputs or,
+    with ``constant_inputs``, as initializers (then fold-constants evaluates the operator)."""
     model, data = load_case(case)
+    if constant_inputs:
+        model, data, why = as_constants(model, data)
+        if model is None:
+            return SKIPPED, why
     why = run_model(model, data, case.rtol, case.atol)
     if why is not None:
-        return SKIPPED, f"onnxruntime {_ort_version()} on the original: {why}"
+        return SKIPPED, f"onnxruntime {_ort_version()} on the original{' with constant inputs' * constant_inputs}: {why}"
     src, out = tmp / f"{case.name}.onnx", tmp / f"{case.name}.opt.onnx"
     onnx.save_model(model, src)
     try:
@@ -200,8 +228,9 @@ def _ort_version() -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_node_case(case, tmp_path):
-    outcome, detail = check_case(case, tmp_path)
+@pytest.mark.parametrize("constant_inputs", [False, True], ids=["inputs", "constants"])
+def test_node_case(case, constant_inputs, tmp_path):
+    outcome, detail = check_case(case, tmp_path, constant_inputs)
     if outcome == SKIPPED:
         pytest.skip(detail)
     if outcome == REFUSED:
