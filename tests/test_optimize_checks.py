@@ -110,6 +110,15 @@ def test_output_that_does_not_load_fails_even_without_validation(test_passes, tm
     assert (tmp_path / "out.onnx").exists()  # kept, as for any failed validation
 
 
+def test_an_input_that_does_not_load_either_is_named(tmp_path):
+    model = Bfloat16NegPass()(relu_model())  # a valid model onnxruntime's CPU provider cannot load
+    src = save(model, tmp_path / "in.onnx")
+    result = api.optimize(src, tmp_path / "out.onnx", passes=["topo-sort"], validate=False)
+    assert not result.ok
+    assert result.validation.message.startswith("the output does not load in onnxruntime: ")
+    assert "(nor does the input: onnxruntime cannot load the model: " in result.validation.message
+
+
 def test_no_validate_says_the_output_loads(tmp_path):
     src = save(relu_model(), tmp_path / "in.onnx")
     result = api.optimize(src, tmp_path / "out.onnx", validate=False)
