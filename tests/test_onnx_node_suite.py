@@ -60,7 +60,7 @@ def test_the_suite_is_there():
 # --------------------------------------------------------------------------- loading a test
 
 
-def _to_value(item: Any, type_proto: onnx.TypeProto | None = None) -> Any:
+def _to_value(item: Any) -> Any:
     """An input or expected output as onnxruntime takes and returns it (array, list, None)."""
     if isinstance(item, onnx.TensorProto):
         return numpy_helper.to_array(item)
