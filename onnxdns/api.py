@@ -277,14 +277,17 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
     """
     from onnxdns import runtime
 
+    def why(e: OnnxdnsError) -> str:
+        return _reason(e).removeprefix("onnxruntime cannot load the model: ")
+
     try:
         return runtime.make_session(out, providers=providers, threads=threads, spinning=False), None
     except OnnxdnsError as e:
-        problem = f"the output does not load in onnxruntime: {_reason(e)}"
+        problem = f"the output does not load in onnxruntime: {why(e)}"
     try:
         runtime.make_session(source, providers=providers, threads=threads, spinning=False)
     except OnnxdnsError as e:
-        problem += f" (nor does the input: {_reason(e)})"
+        problem += f" (nor does the input: {why(e)})"
     return None, problem
 
 

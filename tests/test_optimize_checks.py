@@ -116,7 +116,7 @@ def test_an_input_that_does_not_load_either_is_named(tmp_path):
     result = api.optimize(src, tmp_path / "out.onnx", passes=["topo-sort"], validate=False)
     assert not result.ok
     assert result.validation.message.startswith("the output does not load in onnxruntime: ")
-    assert "(nor does the input: onnxruntime cannot load the model: " in result.validation.message
+    assert "(nor does the input: [ONNXRuntimeError]" in result.validation.message
 
 
 def test_no_validate_says_the_output_loads(tmp_path):
