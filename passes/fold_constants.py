@@ -43,6 +43,12 @@ class FoldConstantsPass(GraphPass):
     shape is static is folded too. Static shapes come from ONNX shape inference run from the
     graph inputs and initializers alone (existing ``value_info`` annotations are not trusted).
 
+    An ``If`` of the main graph whose condition is (or folds to) a constant is replaced by the
+    nodes of the branch it takes, which then fold like the others (onnxruntime inlines such a
+    branch itself when it loads the model, and its shape inference may then reject what was
+    valid inside the branch; see :func:`_inline_constant_ifs`). Folded values keep their shape,
+    0-d included.
+
     ``Constant`` nodes that feed unfoldable nodes are left as they are. A folded graph output
     keeps its name (it becomes an initializer listed as a graph output). Nodes, ``Constant``
     nodes and initializers used only by folded nodes are removed. Only the main graph is folded.
@@ -50,7 +56,7 @@ class FoldConstantsPass(GraphPass):
 
     name = "fold-constants"
     exact = True
-    summary = "evaluate constant subgraphs (and static Shape/Size) into initializers"
+    summary = "evaluate constant subgraphs (and static Shape/Size) into initializers, inline constant Ifs"
 
     def __init__(self, size_limit: int = DEFAULT_SIZE_LIMIT, fold_shapes: bool = True) -> None:
         super().__init__()
@@ -63,6 +69,22 @@ class FoldConstantsPass(GraphPass):
         return f"FoldConstantsPass(size_limit={self.size_limit}, fold_shapes={self.fold_shapes})"
 
     def call(self, model: ir.Model) -> PassReport:
+        totals = {"folded_nodes": 0, "shape_folds": 0, "new_initializers": [], "skipped_too_large": [],
+                  "inlined_ifs": []}
+        while True:
+            details = self._fold(model)
+            for key, value in details.items():
+                totals[key] += value
+            inlined = _inline_constant_ifs(model.graph)
+            if not inlined:
+                break
+            totals["inlined_ifs"] += inlined
+        totals["new_initializers"] = sorted(set(totals["new_initializers"]))
+        modified = bool(totals["folded_nodes"] or totals["new_initializers"] or totals["inlined_ifs"])
+        return PassReport(model, modified, totals)
+
+    def _fold(self, model: ir.Model) -> dict:
+        """One round of folding (what the pass did before If nodes were inlined)."""
         graph = model.graph
         static = _static_types(model)
         excluded: set[ir.Node] = set()
@@ -75,7 +97,7 @@ class FoldConstantsPass(GraphPass):
                 skipped_large.extend(v.name for v in too_large)
                 continue
             if not plan.targets:
-                return PassReport(model, False, {"folded_nodes": 0, "skipped_too_large": skipped_large})
+                return {"skipped_too_large": skipped_large}
             results, failed = _evaluate(model, plan)
             for value, array in results.items():
                 if array.nbytes > self.size_limit:
@@ -86,9 +108,8 @@ class FoldConstantsPass(GraphPass):
             excluded.update(failed)
         names = sorted(v.name for v in results)
         removed = _apply(graph, plan, results)
-        details = {"folded_nodes": removed, "shape_folds": len(plan.shape_nodes), "new_initializers": names,
-                   "skipped_too_large": skipped_large}
-        return PassReport(model, True, details)
+        return {"folded_nodes": removed, "shape_folds": len(plan.shape_nodes), "new_initializers": names,
+                "skipped_too_large": skipped_large}
 
 
 class _Plan:
@@ -208,10 +229,7 @@ def _evaluate(model: ir.Model, plan: _Plan) -> tuple[dict[ir.Value, np.ndarray],
     if arrays is None:  # find the culprits one target at a time
         arrays = []
         for value in evaluated:
-            try:
-                arrays.append(_run(model, plan, [value])[0])
-            except OnnxdnsError:
-                arrays.append(None)
+            arrays.append(_run_one(model, plan, value))
     for value, array in zip(evaluated, arrays):
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "biufc":
             failed.add(value.producer())
@@ -220,25 +238,48 @@ def _evaluate(model: ir.Model, plan: _Plan) -> tuple[dict[ir.Value, np.ndarray],
     return results, failed
 
 
-def _run(model: ir.Model, plan: _Plan, targets: list[ir.Value]) -> list:
-    """Run the foldable nodes that ``targets`` depend on in a fresh onnxruntime session."""
+def _run_one(model: ir.Model, plan: _Plan, value: ir.Value) -> np.ndarray | None:
+    """``value`` computed alone, or None.
+
+    When the constants given as initializers fail, they are fed as inputs instead: onnxruntime's
+    shape inference checks some operators' constant inputs more strictly than their kernels do
+    (Range takes a 1-element 1-D limit at run time, but rejects it as an initializer).
+    """
+    for feed in (False, True):
+        try:
+            return _run(model, plan, [value], feed=feed)[0]
+        except OnnxdnsError:
+            continue
+    return None
+
+
+def _run(model: ir.Model, plan: _Plan, targets: list[ir.Value], feed: bool = False) -> list:
+    """Run the foldable nodes that ``targets`` depend on in a fresh onnxruntime session; the
+    constants they read are initializers, or with ``feed`` inputs (those numpy can hold)."""
     needed = _ancestors(plan, targets)
     nodes = [n for n in plan.nodes if n in needed]
     produced = {out for n in nodes for out in n.outputs}
     initializers: dict[str, onnx.TensorProto] = {}
+    feeds: dict[str, np.ndarray] = {}
     for node in nodes:
         for value in node.inputs:
-            if value is None or value in produced or value.name in initializers:
+            if value is None or value in produced or value.name in initializers or value.name in feeds:
                 continue
             producer = value.producer()
             if producer in plan.shape_nodes:
-                initializers[value.name] = numpy_helper.from_array(plan.shape_nodes[producer], value.name)
+                tensor = numpy_helper.from_array(plan.shape_nodes[producer], value.name)
             else:
                 tensor = ir.serde.serialize_tensor(value.const_value)
                 tensor.name = value.name
+            array = numpy_helper.to_array(tensor) if feed else None
+            if array is not None and array.dtype.kind in "biuf" and _tensor_type(array.dtype) == tensor.data_type:
+                feeds[value.name] = array
+            else:
                 initializers[value.name] = tensor
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+              for name, a in feeds.items()]
     graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(n) for n in nodes], "fold_constants", [],
+        [ir.serde.serialize_node(n) for n in nodes], "fold_constants", inputs,
         [onnx.ValueInfoProto(name=v.name) for v in targets], list(initializers.values()),
     )
     proto = onnx.helper.make_model(
@@ -247,9 +288,16 @@ def _run(model: ir.Model, plan: _Plan, targets: list[ir.Value]) -> list:
     )
     session = runtime.make_session(proto, threads=1, optimization="disable")
     try:
-        return session.run([v.name for v in targets], {})
+        return session.run([v.name for v in targets], feeds)
     except Exception as e:  # onnxruntime raises its own exception types at run time
         raise OnnxdnsError(f"fold-constants: evaluation failed: {e}") from None
+
+
+def _tensor_type(dtype: np.dtype) -> int | None:
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _ancestors(plan: _Plan, values: list[ir.Value]) -> set[ir.Node]:
@@ -269,7 +317,7 @@ def _apply(graph: ir.Graph, plan: _Plan, results: dict[ir.Value, np.ndarray]) ->
     """Swap the targets for initializers and drop what became unused; returns nodes removed."""
     new_values: dict[ir.Value, ir.Value] = {}
     for value, array in results.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # not np.ascontiguousarray: it makes a 0-d array 1-d
         new = ir.Value(shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                        const_value=ir.tensor(array))
         ir.convenience.replace_all_uses_with(value, new, replace_graph_outputs=True)
@@ -295,3 +343,100 @@ def _apply(graph: ir.Graph, plan: _Plan, results: dict[ir.Value, np.ndarray]) ->
         graph.register_initializer(new)
     graphutil.remove_unused_initializers(graph, const_inputs)
     return removed
+
+
+# --------------------------------------------------------------------------- If with a constant condition
+
+
+def _inline_constant_ifs(graph: ir.Graph) -> list[str]:
+    """Replace each main-graph ``If`` whose condition is a constant by the nodes of the branch it
+    takes; returns the names of the inlined If nodes' first outputs.
+
+    onnxruntime inlines such a branch itself when it loads the model, after which its shape
+    inference sees constants it never saw inside the branch, and may reject the model (the
+    AffineGrid function body feeds Range a 1-element 1-D tensor from its 2-D branch: fine while
+    the branch is a subgraph, "Input to 'Range' op should be scalars" once inlined and folded).
+    Inlined here, the branch's constant parts fold like any others, with the same kernels.
+    """
+    inlined = []
+    for node in list(graph):
+        if node.domain != "" or node.op_type != "If" or not node.inputs:
+            continue
+        cond = graphutil.const_array(node.inputs[0])
+        if cond is None or cond.size != 1 or cond.dtype != np.bool_:
+            continue
+        attr = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        if attr is None or attr.type != ir.AttributeType.GRAPH or len(attr.as_graph().outputs) != len(node.outputs):
+            continue
+        inlined.append(node.outputs[0].name if node.outputs else node.name)
+        _inline_branch(graph, node, attr.as_graph())
+    return inlined
+
+
+def _inline_branch(graph: ir.Graph, node: ir.Node, branch: ir.Graph) -> None:
+    """Move ``branch``'s nodes and initializers before ``node`` in ``graph``, make the If's
+    outputs the branch's, drop the If and its other branch. Graph output names are kept."""
+    taken = _all_names(graph, skip=branch)
+    results = list(branch.outputs)
+    branch.outputs.clear()  # they are no subgraph outputs any more
+    for name in list(branch.initializers):
+        value = branch.initializers.pop(name)
+        value.name = _fresh(name, taken)
+        graph.register_initializer(value)
+    moved = list(branch)
+    branch.remove(moved)  # not safe=True: the nodes keep their inputs
+    for n in moved:
+        for out in n.outputs:
+            if out.name:
+                out.name = _fresh(out.name, taken)
+    graph.insert_before(node, moved)
+    renames: list[tuple[ir.Value, str]] = []
+    for if_out, value in zip(node.outputs, results):
+        if value.type is None:
+            value.type = if_out.type
+        if value.shape is None and if_out.shape is not None:
+            value.shape = if_out.shape
+        if if_out.is_graph_output():
+            if value.producer() not in moved or value.is_graph_output() or value in (v for v, _ in renames):
+                copy = ir.Node("", "Identity", [value], num_outputs=1)  # a graph output needs its own value
+                graph.insert_before(node, copy)
+                copy.outputs[0].type, copy.outputs[0].shape = value.type, value.shape
+                value = copy.outputs[0]
+            renames.append((value, if_out.name))
+        ir.convenience.replace_all_uses_with(if_out, value, replace_graph_outputs=True)
+    for attr in node.attributes.values():  # the branch not taken must stop using outer values
+        if attr.type == ir.AttributeType.GRAPH and attr.as_graph() is not branch:
+            for inner in ir.traversal.RecursiveGraphIterator(attr.as_graph()):
+                for i in range(len(inner.inputs)):
+                    inner.replace_input_with(i, None)
+    graph.remove(node, safe=True)
+    for value, name in renames:
+        value.name = name
+
+
+def _all_names(graph: ir.Graph, skip: ir.Graph) -> set[str]:
+    """Every value name of ``graph`` and its subgraphs except those ``skip`` itself defines (the
+    names a value moved out of ``skip`` must not take)."""
+    names = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            subgraphs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.as_graphs()) if attr.type == ir.AttributeType.GRAPHS else [])
+            for g in subgraphs:
+                if g is skip:
+                    continue
+                names.update(v.name for v in g.inputs)
+                names.update(g.initializers)
+        if node.graph is not skip:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... if taken; the result is added to ``taken``."""
+    new, i = name, 0
+    while new in taken:
+        i += 1
+        new = f"{name}_{i}"
+    taken.add(new)
+    return new

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
+from onnxdns import runtime
 from onnxdns.passes import fold_constants
 from onnxdns.passes.fold_constants import FoldConstantsPass
 from passkit import (all_call_styles, assert_exact, check_idempotent, init, initializer_arrays, make_model,
@@ -154,6 +155,88 @@ def test_folded_graph_output_keeps_its_name():
     assert [o.name for o in result.model.graph.output] == ["y", "k"]
     assert_exact(model, result.model, rel=0)
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_folded_scalars_stay_scalars():
+    """A folded 0-d result stays 0-d (onnx node test test_size: a scalar output came back as [1])."""
+    nodes = [helper.make_node("Size", ["x"], ["n"]),  # static Size of a graph input
+             helper.make_node("Add", ["a", "b"], ["s"]),  # evaluated in onnxruntime
+             helper.make_node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [tensor_input("x", [2, 3])],
+                       [tensor_input("y", [2, 3]), tensor_input("n", [], INT64), tensor_input("s", [])],
+                       [init("a", np.float32(1.5)), init("b", np.float32(2.0))])
+    result = FoldConstantsPass().apply(model)
+    assert op_types(result.model) == ["Relu"]
+    assert {k: v.shape for k, v in initializer_arrays(result.model).items()} == {"n": (), "s": ()}
+    y, n, s = run(result.model, {"x": np.ones((2, 3), np.float32)})
+    assert n.shape == () and int(n) == 6 and s.shape == () and float(s) == 3.5
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def constant_if_model() -> onnx.ModelProto:
+    """The shape of the AffineGrid function body (onnx node test test_affine_grid_2d_expanded):
+    an If on the input's rank, whose 2-D branch gives Range a 1-element 1-D limit."""
+    then = helper.make_graph([helper.make_node("Identity", ["one_1d"], ["d_then"])], "then", [],
+                             [tensor_input("d_then", None, INT64)])
+    other = helper.make_graph([helper.make_node("Identity", ["two_1d"], ["d_else"])], "else", [],
+                              [tensor_input("d_else", None, INT64)])
+    nodes = [helper.make_node("Size", ["x"], ["n"]),
+             helper.make_node("Equal", ["n", "six"], ["is_six"]),
+             helper.make_node("If", ["is_six"], ["d"], then_branch=then, else_branch=other),
+             helper.make_node("Range", ["zero", "d", "one"], ["steps"]),
+             helper.make_node("Cast", ["steps"], ["steps_f"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "steps_f"], ["y"])]
+    inits = [init("zero", np.int64(0)), init("one", np.int64(1)), init("six", np.int64(6)),
+             init("one_1d", np.array([1], np.int64)), init("two_1d", np.array([2], np.int64))]
+    return make_model(nodes, [tensor_input("x", [2, 3])], [tensor_input("y", [2, 3])], inits)
+
+
+def test_if_with_constant_condition_is_inlined_and_folded():
+    """Folding the If's condition made onnxruntime (optimization on) inline the branch and reject
+    Range's now-constant 1-D limit at load time. The pass inlines the branch itself and folds it."""
+    model = constant_if_model()
+    assert runtime.make_session(model)  # the input loads
+    result = FoldConstantsPass().apply(model)
+    assert result.details["inlined_ifs"] == ["d"]
+    assert op_types(result.model) == ["Add"]
+    assert initializer_arrays(result.model)["steps_f"].tolist() == [0.0]
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = {"x": RNG.standard_normal((2, 3)).astype(np.float32)}
+    for level in ("disable", "all"):
+        assert_exact(model, result.model, rel=0, feeds=feeds)
+        assert runtime.run(result.model, feeds, optimization=level)[0].tolist() == feeds["x"].tolist()
+    check_idempotent(FoldConstantsPass, model)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_inlined_branch_keeps_graph_output_names(cond):
+    """The taken branch's nodes join the main graph (clashing names renamed); an If output that is a
+    graph output keeps its name, also when the branch returns its own initializer; the other branch's
+    reads are gone, so what only it used is dead."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "a"], ["t"]), helper.make_node("Neg", ["t"], ["y2"])],
+                             "then", [], [tensor_input("y2", [2]), tensor_input("k", [2])],
+                             [init("k", np.float32([5, 6]))])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "b"], ["t_else"])], "else", [],
+                              [tensor_input("t_else", [2]), tensor_input("k2", [2])], [init("k2", np.float32([7, 8]))])
+    # a second If (on an input) whose branch uses the name "t" too
+    clash = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["u"])],
+                              "clash", [], [tensor_input("u", [2])])
+    nodes = [helper.make_node("Not", ["c"], ["nc"]),
+             helper.make_node("If", ["nc"], ["y", "z"], then_branch=then, else_branch=other),
+             helper.make_node("If", ["d"], ["r"], then_branch=clash, else_branch=clash)]
+    model = make_model(nodes, [tensor_input("x", [2]), tensor_input("d", [], onnx.TensorProto.BOOL)],
+                       [tensor_input("y", [2]), tensor_input("z", [2]), tensor_input("r", [2])],
+                       [init("c", np.array(not cond)), init("a", np.float32([2, 3])), init("b", np.float32([1, 1]))])
+    result = FoldConstantsPass().apply(model)
+    assert op_types(result.model) == (["Mul", "Neg", "If"] if cond else ["Sub", "If"])
+    assert [o.name for o in result.model.graph.output] == ["y", "z", "r"]
+    assert "t" not in {o for n in result.model.graph.node for o in n.output}
+    for d in (True, False):
+        assert_exact(model, result.model, rel=0, feeds={"x": np.float32([1, -2]), "d": np.array(d)})
+    onnx.checker.check_model(result.model, full_check=True)
+    unused = {"a", "b"} - {i for n in result.model.graph.node for i in n.input}
+    assert unused == ({"b"} if cond else {"a"})
+    check_idempotent(FoldConstantsPass, model)
 
 
 def test_value_used_in_a_subgraph_and_unsorted_graph():
