@@ -247,7 +247,7 @@ def _required_part(args: argparse.Namespace) -> str | None:
         return "zoo"
     if args.command == "optimize" and args.finetune_epochs is not None:
         return "train"
-    if args.command == "validate" or (args.command == "optimize" and not args.no_validate):
+    if args.command in ("validate", "optimize"):  # optimize loads its output in onnxruntime, always
         return "runtime"
     return None
 

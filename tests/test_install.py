@@ -163,13 +163,19 @@ def test_command_needing_a_missing_extra_names_it_in_one_line(command, block, ex
 
 
 def test_passes_that_run_no_model_need_no_runtime(model_file, tmp_path):
-    """Plain `pip install onnxdns` (no runtime flavour): graph-only passes and inspect still work."""
+    """Plain `pip install onnxdns` (no runtime flavour): graph-only passes run in the user's own
+    pipeline and `inspect` works; `optimize`, which always loads its output in onnxruntime, names
+    the extra."""
     out = tmp_path / "out.onnx"
-    done = _python(_RUN_CLI, "optimize", str(model_file), "-o", str(out), "--passes", "fold-masks,remove-dead-nodes",
-                   "--no-validate", block=("onnxruntime",))
+    script = ("import sys, onnx; from onnxdns.passes import FoldMasksPass, RemoveDeadNodesPass; "
+              "m = RemoveDeadNodesPass()(FoldMasksPass()(onnx.load(sys.argv[1]))); onnx.save(m, sys.argv[2])")
+    done = _python(script, str(model_file), str(out), block=("onnxruntime",))
     assert done.returncode == 0 and out.exists(), done.stderr
     done = _python(_RUN_CLI, "inspect", str(out), block=("onnxruntime",))
     assert done.returncode == 0, done.stderr
+    _assert_refused(_python(_RUN_CLI, "optimize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--passes",
+                            "fold-masks,remove-dead-nodes", "--no-validate", block=("onnxruntime",)),
+                    "cpu", tmp_path / "o.onnx")
 
 
 def test_runtime_limits_follow_the_installed_onnxruntime():
