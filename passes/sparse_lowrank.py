@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import onnx_ir as ir
@@ -9,10 +10,12 @@ import onnx_ir as ir
 from onnxdns import modelio
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass, PassReport
-from onnxdns.lowrank import blas, calibration, split
+from onnxdns.lowrank import blas, calibration, speed, split
 from onnxdns.lowrank.cost import COSTS
 from onnxdns.lowrank.layers import is_split
 from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+
+log = logging.getLogger(__name__)
 
 
 class SparseLowRankPass(GraphPass):
@@ -77,6 +80,8 @@ class SparseLowRankPass(GraphPass):
         finetune_epochs: float = 0.0,
         finetune_lr: float = 0.005,
         narrow_inputs: bool = True,
+        speed_check: bool = True,
+        min_speedup: float = 1.05,
         seed: int = 0,
         threads: int = 0,
         progress: bool = False,
@@ -99,6 +104,10 @@ class SparseLowRankPass(GraphPass):
         self.finetune_epochs = float(finetune_epochs)
         self.finetune_lr = float(finetune_lr)
         self.narrow_inputs = bool(narrow_inputs)
+        if not min_speedup >= 1.0:
+            raise OnnxdnsError(f"sparse-lowrank: min_speedup must be at least 1, got {min_speedup}")
+        self.speed_check = bool(speed_check)
+        self.min_speedup = float(min_speedup)
         self.progress = progress
         self.data_dir = data_dir
         self.settings = split.Settings(
@@ -116,30 +125,117 @@ class SparseLowRankPass(GraphPass):
         if is_split(model.graph):
             return
         try:
-            calibration.ir_model_input(model)
+            calibration.input_specs(model)
         except OnnxdnsError as e:
             raise ir.passes.PreconditionError(str(e)) from e
 
     def call(self, model: ir.Model) -> PassReport:
         if is_split(model.graph):
             return PassReport(model, False, {"note": "the model is already split by sparse-lowrank; nothing done"})
-        folded = FoldBatchNormPass().call(model)
-        _, shape = calibration.ir_model_input(model)
-        images, source = calibration.calibration_inputs(self.calib_data, shape, self.calib_samples,
-                                                        seed=self.settings.seed, data_dir=self.data_dir)
+        original = modelio.to_proto(model)
+        cleaned = _clean_up(model)
+        specs = calibration.input_specs(model)
+        inputs, source = calibration.calibration_inputs(self.calib_data, specs, self.calib_samples,
+                                                        seed=self.settings.seed, data_dir=self.data_dir,
+                                                        model=original)
+        log.info("sparse-lowrank: calibration inputs: %s", source)
+        base = modelio.to_proto(model)  # cleaned up, not split: the start of every fallback candidate
+        fitted: dict[str, split.Fitted] = {}
         with blas.blas_threads(self.settings.threads), _Progress(self.progress) as tick:
-            details = split.split_model(model, images, self.settings, progress=tick)
-        details["calibration"]["data"] = source
-        details["folded_batchnorm"] = folded.details.get("folded_into", [])
-        if self.narrow_inputs and details["split_layers"]:
-            details["narrowed"] = _narrow_inputs(model, self.settings.round_to)
-        if self.finetune_epochs and details["split_layers"]:
+            details = split.split_model(model, inputs, self.settings, progress=tick, fitted=fitted)
+            details["calibration"]["data"] = source
+            details["clean_up"] = cleaned
+            details["folded_batchnorm"] = cleaned.get("fold-batchnorm", {}).get("folded_into", [])
+            if self.narrow_inputs and details["split_layers"]:
+                log.info("sparse-lowrank: narrowing the producers of unread input channels")
+                details["narrowed"] = _narrow_inputs(model, self.settings.round_to)
+            if not details["split_layers"]:
+                details["speed_check"] = {"skipped": True, "reason": "no layer was split"}
+            elif not self.speed_check:
+                details["speed_check"] = {"skipped": True, "reason": "disabled (speed_check=False): the split model "
+                                                                     "was not timed against its input"}
+            else:
+                details["speed_check"] = self._speed_check(model, original, base, fitted, details, inputs, specs, tick)
+        if not details["split_layers"]:
+            model.graph = modelio.to_ir(original).graph  # nothing split: the input, unchanged
+            details.pop("narrowed", None)
+            return PassReport(model, False, details)
+        if self.finetune_epochs:
             from onnxdns.lowrank.finetune import finetune
 
             details["finetune"] = finetune(model, self.calib_data, epochs=self.finetune_epochs, lr=self.finetune_lr,
                                            seed=self.settings.seed, threads=self.settings.threads,
                                            progress=self.progress, data_dir=self.data_dir)
-        return PassReport(model, bool(details["split_layers"]) or folded.modified, details)
+        return PassReport(model, True, details)
+
+    def _speed_check(self, model: ir.Model, original, base, fitted: dict[str, split.Fitted], details: dict,
+                     inputs: calibration.Inputs, specs, tick) -> dict:
+        """Time the split model against the input; undo the splits that do not pay (see
+        :mod:`onnxdns.lowrank.speed`). Updates ``model`` and ``details`` to the accepted candidate."""
+        rows = {r["name"]: r for r in details["layers"] if r["status"] == "split"}
+        benefit = {name: r["est_us_before"] - r["est_us_after"] for name, r in rows.items()}
+        full = modelio.to_proto(model)
+        built: dict[tuple[str, ...], tuple[ir.Model, dict | None]] = {}
+
+        def build(kept):
+            if set(kept) == set(rows):
+                return full
+            work = modelio.to_ir(base)
+            split.apply_fitted(work, [fitted[name] for name in kept])
+            narrowed = _narrow_inputs(work, self.settings.round_to) if self.narrow_inputs and kept else None
+            built[tuple(kept)] = (work, narrowed)
+            return modelio.to_proto(work)
+
+        static = [s.dims[s.batch_axis] for s in specs if s.dims and isinstance(s.dims[s.batch_axis], int)
+                  and s.dims[s.batch_axis] > 0]
+        batches = sorted(set(static)) if static else sorted({1, self.settings.cost_batch})
+        report = speed.check(original, list(rows), benefit, build, inputs, batches, min_speedup=self.min_speedup,
+                             threads=self.settings.threads, progress=lambda n, total: tick("speed check", n, total))
+        kept = set(report["kept"])
+        if kept == set(rows):
+            return report
+        for name in set(rows) - kept:
+            row = rows[name]
+            row.update(status="undone", reason="split undone: the measured latency did not improve",
+                       planned_rank=row["rank"], planned_keep=row["keep"], rank=None, keep=row["in_channels"],
+                       macs_after=row["macs_before"], params_after=row["params_before"],
+                       est_us_after=row["est_us_before"])
+            row.pop("nodes", None)
+        details["split_layers"] = len(kept)
+        for key in ("macs", "params"):
+            details[key]["after"] = int(sum(r[f"{key}_after"] for r in details["layers"]))
+        if kept:
+            work, narrowed = built[tuple(report["kept"])]
+            model.graph = work.graph
+            if narrowed is not None:
+                details["narrowed"] = narrowed
+        return report
+
+
+def _clean_up(model: ir.Model) -> dict[str, dict]:
+    """The exact clean-up the split needs, in place: exporter ``Identity`` nodes removed (weights
+    and biases read through them become constants), constant subgraphs folded (``Transpose`` of a
+    weight, ``Constant`` nodes), BatchNormalization folded into the layer before it, dead nodes
+    removed. Returns what each pass did (a pass that cannot run is reported and skipped)."""
+    from onnxdns.passes.eliminate_identity import EliminateIdentityPass
+    from onnxdns.passes.fold_constants import FoldConstantsPass
+    from onnxdns.passes.remove_dead_nodes import RemoveDeadNodesPass
+
+    done: dict[str, dict] = {}
+    for cls in (EliminateIdentityPass, FoldConstantsPass, FoldBatchNormPass, RemoveDeadNodesPass):
+        try:
+            result = cls().call(model)
+        except OnnxdnsError as e:
+            done[cls.name] = {"modified": False, "error": str(e)}
+            log.warning("sparse-lowrank: clean-up %s skipped: %s", cls.name, e)
+            continue
+        done[cls.name] = {"modified": bool(result.modified), **_jsonable(result.details)}
+        log.info("sparse-lowrank: clean-up %s: %s", cls.name, "changed the model" if result.modified else "nothing to do")
+    return done
+
+
+def _jsonable(details: dict) -> dict:
+    return {k: v for k, v in details.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
 
 
 def _narrow_inputs(model: ir.Model, round_to: int) -> dict:
@@ -163,21 +259,24 @@ def _narrow_inputs(model: ir.Model, round_to: int) -> dict:
 
 
 class _Progress:
-    """A context manager yielding ``tick(stage, n)``: tqdm bars per stage when enabled."""
+    """A context manager yielding ``tick(stage, n, total)``: a tqdm bar per stage (count, rate and
+    ETA) when enabled."""
+
+    UNITS = {"calibrate": "sample", "speed check": "try"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
 
     def __enter__(self):
-        def tick(stage: str, n: int) -> None:
+        def tick(stage: str, n: int, total: int | None = None) -> None:
             if not self.enabled:
                 return
             if stage not in self.bars:
                 from tqdm import tqdm
 
-                unit = "img" if stage == "calibrate" else "layer"
-                self.bars[stage] = tqdm(desc=f"sparse-lowrank {stage}", unit=unit, leave=False)
+                self.bars[stage] = tqdm(desc=f"sparse-lowrank {stage}", total=total,
+                                        unit=self.UNITS.get(stage, "layer"), leave=False)
             self.bars[stage].update(n)
         return tick
 

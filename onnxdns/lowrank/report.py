@@ -18,7 +18,7 @@ def layer_table(details: dict[str, Any]) -> str:
             f"{r['keep']}/{r['in_channels']}",
             count(r["macs_before"]), count(r["macs_after"]), ratio(r["macs_before"], r["macs_after"]),
             count(r["params_before"]), count(r["params_after"]),
-            f"{r['rel_error']:.4f}" if split else "dense",
+            f"{r['rel_error']:.4f}" if split else ("undone" if r["status"] == "undone" else "dense"),
         ))
     text = table(("layer", "op", "rank", "kept", "MACs", "after", "x", "params", "after", "rel. error"), rows, left=2)
     macs, params, target = details["macs"], details["params"], details["target"]
@@ -41,4 +41,24 @@ def layer_table(details: dict[str, Any]) -> str:
                      f"{count(narrowed['macs_before'])} -> {count(narrowed['macs_after'])}")
     for name, reason in details.get("skipped", {}).items():
         lines.append(f"kept dense: {name}: {reason}")
+    lines.extend(speed_lines(details.get("speed_check")))
     return "\n".join(lines)
+
+
+def speed_lines(check: dict[str, Any] | None) -> list[str]:
+    """What the speed check measured and did (see :mod:`onnxdns.lowrank.speed`)."""
+    if not check:
+        return []
+    if check.get("skipped"):
+        return [f"speed check skipped: {check['reason']}"]
+    lines = []
+    for attempt in check["attempts"]:
+        timings = ", ".join(f"batch {b}: {t['input_ms']:.3f} -> {t['candidate_ms']:.3f} ms ({t['speedup']:.2f}x)"
+                            for b, t in attempt["latency"].items())
+        verdict = "accepted" if attempt["accepted"] else f"not {check['min_speedup']}x faster"
+        lines.append(f"speed check, {attempt['split_layers']} split layers: {timings}: {verdict}")
+    outcome = {"none": "the split model is faster than its input (medians of interleaved onnxruntime CPU runs)",
+               "fewer splits": f"kept {len(check['kept'])} splits; undid the splits that did not pay",
+               "input returned unchanged": "no split made the model faster: the input is returned unchanged"}
+    lines.append(f"speed check: {outcome[check['fallback']]}")
+    return lines
