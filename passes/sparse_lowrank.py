@@ -132,7 +132,7 @@ class SparseLowRankPass(GraphPass):
     def call(self, model: ir.Model) -> PassReport:
         if is_split(model.graph):
             return PassReport(model, False, {"note": "the model is already split by sparse-lowrank; nothing done"})
-        original = modelio.to_proto(model)
+        original = modelio.to_proto(model)  # the input: the speed check's reference
         cleaned = _clean_up(model)
         specs = calibration.input_specs(model)
         inputs, source = calibration.calibration_inputs(self.calib_data, specs, self.calib_samples,
@@ -156,10 +156,10 @@ class SparseLowRankPass(GraphPass):
                                                                      "was not timed against its input"}
             else:
                 details["speed_check"] = self._speed_check(model, original, base, fitted, details, inputs, specs, tick)
-        if not details["split_layers"]:
-            model.graph = modelio.to_ir(original).graph  # nothing split: the input, unchanged
+        if not details["split_layers"]:  # nothing split, or every split undone: the input after the exact clean-up
+            model.graph = modelio.to_ir(base).graph
             details.pop("narrowed", None)
-            return PassReport(model, False, details)
+            return PassReport(model, any(c["modified"] for c in cleaned.values()), details)
         if self.finetune_epochs:
             from onnxdns.lowrank.finetune import finetune
 

@@ -322,7 +322,10 @@ def capture(proto: onnx.ModelProto, layers: Sequence[Layer], inputs: Inputs, pla
     counts: dict[int, tuple[int, int]] = {}
     for start, stop in chunks(inputs, plan):
         n = stop - start
-        outs = dict(zip(names, run(session, names, inputs.feeds(start, stop))))
+        feeds = inputs.feeds(start, stop)
+        outs = dict(zip(names, run(session, names, feeds)))
+        # a graph input read as an output may come back aliasing the feed's memory: use the feed itself
+        outs.update((name, feeds[name]) for name in names if name in feeds)
         held_out = start >= plan.fit_images
         for layer in layers:
             x = outs[layer.input_name]

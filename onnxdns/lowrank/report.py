@@ -59,6 +59,6 @@ def speed_lines(check: dict[str, Any] | None) -> list[str]:
         lines.append(f"speed check, {attempt['split_layers']} split layers: {timings}: {verdict}")
     outcome = {"none": "the split model is faster than its input (medians of interleaved onnxruntime CPU runs)",
                "fewer splits": f"kept {len(check['kept'])} splits; undid the splits that did not pay",
-               "input returned unchanged": "no split made the model faster: the input is returned unchanged"}
+               "no split": "no split made the model faster: no layer is split (only the exact clean-up applied)"}
     lines.append(f"speed check: {outcome[check['fallback']]}")
     return lines

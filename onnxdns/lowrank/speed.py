@@ -8,8 +8,9 @@ input model and each candidate side by side on the target provider
 without spin-waiting) at batch 1 and at the cost batch. A candidate is accepted when its median
 latency is at least ``min_speedup`` times lower at every batch measured. Otherwise the splits
 with the least estimated saving are undone and the smaller candidate is measured: half of the
-split layers are kept, then a quarter, ..., then none, in which case the input model is
-returned unchanged. Every measurement is recorded in the report.
+split layers are kept, then a quarter, ..., then none, in which case the pass returns its input
+with only the exact clean-up it runs first (Identity nodes removed, constants and BatchNorm
+folded). Every measurement is recorded in the report.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, 
     later); ``build(kept)`` returns the model with only the layers ``kept`` split (``build`` of
     every layer is the pass's full result). Returns the report: ``attempts`` (layers kept, layers
     undone, measurements per batch, accepted), ``kept`` (the layers of the accepted candidate,
-    empty when none was faster: the input is then to be returned unchanged) and the rule.
+    empty when none was faster: no layer is then to be split) and the rule.
     """
     order = sorted(layers, key=lambda name: -benefit.get(name, 0.0))
     sizes = []
@@ -87,5 +88,5 @@ def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, 
             break
     return {"skipped": False, "provider": "CPUExecutionProvider", "batches": list(batches),
             "min_speedup": min_speedup, "attempts": attempts, "kept": kept,
-            "fallback": "none" if kept == order else ("fewer splits" if kept else "input returned unchanged"),
+            "fallback": "none" if kept == order else ("fewer splits" if kept else "no split"),
             "seconds": round(time.perf_counter() - t0, 2)}
