@@ -186,9 +186,8 @@ class SparseLowRankPass(GraphPass):
             built[tuple(kept)] = (work, narrowed)
             return modelio.to_proto(work)
 
-        static = [s.dims[s.batch_axis] for s in specs if s.dims and isinstance(s.dims[s.batch_axis], int)
-                  and s.dims[s.batch_axis] > 0]
-        batches = sorted(set(static)) if static else sorted({1, self.settings.cost_batch})
+        static = calibration.static_batch(specs)
+        batches = [static] if static else sorted({1, self.settings.cost_batch})
         report = speed.check(original, list(rows), benefit, build, inputs, batches, min_speedup=self.min_speedup,
                              threads=self.settings.threads, progress=lambda n, total: tick("speed check", n, total))
         kept = set(report["kept"])

@@ -390,3 +390,17 @@ def test_the_pass_without_finetuning_imports_neither_torch_nor_training(tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "done"
+
+
+def test_a_model_with_a_static_batch_of_one_is_calibrated_one_sample_per_run():
+    """An export without dynamic axes ([1, 24]): every run feeds one sample; timed at batch 1."""
+    model = identity_net()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    spec, = calibration.input_specs(model)
+    assert calibration.static_batch([spec]) == 1
+    result = SparseLowRankPass(normal(40, 24), target_compression=2.0, iterations=2, threads=1).apply(model)
+    d = result.details
+    assert d["calibration"]["images"] == 40 and d["calibration"]["eval_images"] == 8
+    assert d["speed_check"]["batches"] == [1]
+    assert run(result.model, {"x": normal(1, 24)})[0].shape == (1, 10)

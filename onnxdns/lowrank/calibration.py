@@ -93,10 +93,12 @@ def _spec(name: str, elem_type: int, dims: tuple) -> InputSpec:
 @dataclasses.dataclass
 class Inputs:
     """Calibration inputs: one array per model input, the samples stacked on each input's batch
-    axis (``axes``); every input holds the same number of samples."""
+    axis (``axes``); every input holds the same number of samples. ``step``: the batch size the
+    model takes when it is static (every run then feeds exactly that many samples), else None."""
 
     arrays: dict[str, np.ndarray]
     axes: dict[str, int]
+    step: int | None = None
 
     def __len__(self) -> int:
         return min(int(a.shape[self.axes[n]]) for n, a in self.arrays.items())
@@ -106,7 +108,7 @@ class Inputs:
         return {n: np.ascontiguousarray(_take(a, self.axes[n], start, stop)) for n, a in self.arrays.items()}
 
     def slice(self, start: int = 0, stop: int | None = None) -> "Inputs":
-        return Inputs(self.feeds(start, stop), dict(self.axes))
+        return Inputs(self.feeds(start, stop), dict(self.axes), self.step)
 
     def repeat_to(self, n: int) -> dict[str, np.ndarray]:
         """Feeds of exactly ``n`` samples (the first ones, cycled when there are fewer)."""
@@ -141,12 +143,14 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
         raise OnnxdnsError(f"calibration needs at least one sample, got {samples}")
     specs = list(specs)
     axes = {s.name: s.batch_axis for s in specs}
+    step = static_batch(specs)
     if calib_data is None:
         if model is None:
             raise OnnxdnsError("random calibration inputs need the model")
-        feeds = runtime.input_feeds(model, batch=samples, seed=seed)
-        inputs = Inputs({s.name: feeds[s.name] for s in specs}, axes)
-        return inputs.slice(0, samples), "random (runtime.input_feeds)"
+        runs = [runtime.input_feeds(model, batch=samples, seed=seed)] if step is None else \
+            [runtime.input_feeds(model, batch=step, seed=seed + i) for i in range(-(-samples // step))]
+        arrays = {s.name: np.concatenate([r[s.name] for r in runs], axis=axes[s.name]) for s in specs}
+        return _whole(Inputs(arrays, axes, step).slice(0, samples)), "random (runtime.input_feeds)"
     if isinstance(calib_data, str):
         spec = _single(specs, f"the dataset '{calib_data}'")
         shape = tuple(spec.dims[1:])
@@ -158,7 +162,7 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
         ds = load_dataset(calib_data, "train", data_dir=data_dir)
         ds = subset(ds, min(samples, len(ds)), seed)
         images = fit_images(np.asarray(ds.images, np.float32), shape).astype(spec.dtype, copy=False)
-        return Inputs({spec.name: images}, {spec.name: 0}), f"{calib_data} train ({len(ds)} images)"
+        return _whole(Inputs({spec.name: images}, {spec.name: 0}, step)), f"{calib_data} train ({len(ds)} images)"
     if isinstance(calib_data, Mapping) or hasattr(calib_data, "files"):
         names = list(calib_data.files) if hasattr(calib_data, "files") else list(calib_data)
         wanted = [s.name for s in specs]
@@ -176,9 +180,29 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
     counts = {n: a.shape[axes[n]] for n, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise OnnxdnsError(f"calibration arrays hold different numbers of samples on their batch axes: {counts}")
-    inputs = Inputs(arrays, axes).slice(0, samples)
+    inputs = _whole(Inputs(arrays, axes, step).slice(0, samples))
     kind = "array" if len(arrays) == 1 else "arrays"
     return inputs, f"{kind} ({len(inputs)} samples)"
+
+
+def static_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size the model takes when its inputs fix it (e.g. ``[1, 3, 224, 224]``), else None."""
+    sizes = {s.dims[s.batch_axis] for s in specs if s.dims and isinstance(s.dims[s.batch_axis], int)
+             and s.dims[s.batch_axis] > 0}
+    if len(sizes) > 1:
+        raise OnnxdnsError(f"sparse-lowrank: the model inputs fix different batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def _whole(inputs: Inputs) -> Inputs:
+    """``inputs`` cut to a whole number of the model's static batches."""
+    if not inputs.step:
+        return inputs
+    n = len(inputs) // inputs.step * inputs.step
+    if n < 2 * inputs.step:
+        raise OnnxdnsError(f"the model takes batches of exactly {inputs.step} samples; calibration needs at least "
+                           f"{2 * inputs.step} samples, got {len(inputs)}")
+    return inputs.slice(0, n)
 
 
 def _single(specs: list[InputSpec], what: str) -> InputSpec:
@@ -274,9 +298,10 @@ class Plan:
     eval_images: int
 
     @classmethod
-    def split(cls, n_images: int, eval_fraction: float) -> "Plan":
-        n_eval = int(round(n_images * eval_fraction))
-        n_eval = min(max(n_eval, 1 if n_images > 1 else 0), n_images - 1)
+    def split(cls, n_images: int, eval_fraction: float, step: int = 1) -> "Plan":
+        """``step``: the held-out part is a whole number of the model's static batches."""
+        n_eval = int(round(n_images * eval_fraction / step)) * step
+        n_eval = min(max(n_eval, step if n_images > step else 0), n_images - step)
         return cls(n_images - n_eval, n_eval)
 
     @staticmethod
@@ -288,7 +313,7 @@ def chunks(inputs: Inputs, plan: Plan) -> list[tuple[int, int]]:
     """Capture batches ``(start, stop)``: sized by :data:`BATCH_BYTES`, never straddling the end of
     the fit images (a batch is all fit or all held-out)."""
     per_sample = max(inputs.sample_bytes, 4) * 64
-    batch = int(max(1, min(256, BATCH_BYTES // per_sample)))
+    batch = inputs.step or int(max(1, min(256, BATCH_BYTES // per_sample)))
     bounds = []
     for lo, hi in ((0, plan.fit_images), (plan.fit_images, len(inputs))):
         bounds.extend((s, min(s + batch, hi)) for s in range(lo, hi, batch))

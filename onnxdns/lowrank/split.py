@@ -123,7 +123,7 @@ def split_model(model: ir.Model, inputs: Inputs, settings: Settings,
              len(chosen_layers), len(skipped), len(inputs))
     proto = modelio.to_proto(model)
     stats = model_stats(proto)
-    plan = calibration.Plan.split(len(inputs), settings.eval_fraction)
+    plan = calibration.Plan.split(len(inputs), settings.eval_fraction, inputs.step or 1)
 
     # ---- phase 1: errors of every option on the original model
     planned: list[_Planned] = []
@@ -158,7 +158,7 @@ def split_model(model: ir.Model, inputs: Inputs, settings: Settings,
     if settings.sensitivity and planned and plan.eval_images:
         log.info("sparse-lowrank: measuring the output sensitivity of %d layers", len(planned))
         sens = sensitivities(proto, [p.layer for p in planned], inputs.slice(plan.fit_images), seed=settings.seed,
-                             threads=settings.threads)
+                             threads=settings.threads, batch=inputs.step or 64)
         mean = float(np.mean(list(sens.values()))) or 1.0
         weights = {i: max(v / mean, 1e-6) for i, v in sens.items()}
         for p in planned:
