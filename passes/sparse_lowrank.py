@@ -39,12 +39,23 @@ class SparseLowRankPass(GraphPass):
     choosing the options with the least measured error per unit of cost (see
     ``docs/sparse_lowrank.md``).
 
-    Preconditions: one model input with static non-batch dimensions; BatchNormalization after a
-    layer is folded first (``fold-batchnorm``, exact). Layers eligible: 2-D Conv with ``group=1``,
-    Gemm with ``transA=0``, MatMul with a constant 2-D weight, float32 weights.
+    Preconditions: tensor inputs of any dtype (several allowed: token ids, masks). The pass first
+    runs the exact clean-up it needs: ``eliminate-identity`` (exporter Identity nodes in front of
+    weights and biases), ``fold-constants``, ``fold-batchnorm``, ``remove-dead-nodes``. Layers
+    eligible: 2-D Conv with ``group=1``, Gemm with ``transA=0``, MatMul with a constant 2-D weight
+    (its input ``[..., d]`` with samples on any leading axis), float32 weights; every other
+    Conv/Gemm/MatMul, and every layer it cannot fit, stays dense with its reason in ``skipped``.
 
-    Options: ``calib_data`` (dataset name of :mod:`onnxdns.data`, an array of model inputs, or
-    None for standard-normal inputs, which only suit tests), ``calib_samples``, ``max_rows``
+    Never slower (``speed_check``, default on): the split model is timed against the input on
+    onnxruntime CPU, side by side, at batch 1 and ``cost_batch``; unless it is at least
+    ``min_speedup`` times faster at both, the splits with the least estimated saving are undone
+    (half, then a quarter, ..., then all) and the candidate re-measured; the measurements and the
+    outcome are in ``details["speed_check"]`` (:mod:`onnxdns.lowrank.speed`). With
+    ``speed_check=False`` the report says that the model was not timed.
+
+    Options: ``calib_data`` (dataset name of :mod:`onnxdns.data`, an array of model inputs for a
+    one-input model, a dict or ``.npz`` ``NpzFile`` of arrays named after the inputs, or None for
+    random inputs of the right dtypes, which only suit tests), ``calib_samples``, ``max_rows``
     (calibration rows per layer, at most), ``round_to`` (ranks and kept counts in multiples, 8 for
     ``--target cuda``), ``iterations`` (ADMM), ``sensitivity`` (weight layer errors by their
     measured effect on the outputs), ``compare`` (also fit low-rank-only, sparse-only and mixed
@@ -52,8 +63,11 @@ class SparseLowRankPass(GraphPass):
     layer no longer reads are removed from the layers producing them, exactly, with
     ``remove-channels``; the Gathers then left selecting everything are dropped),
     ``finetune_epochs`` (fine-tune the split model with onnxruntime-training on the calibration
-    dataset, labels needed). The result is deterministic
-    for given inputs and options. A model already split by this pass is left unchanged.
+    dataset, labels needed; needs onnxruntime-training and torch, which the pass imports only
+    then), ``progress`` (tqdm bars with rate and ETA; every stage is also logged with
+    :mod:`logging`). Without the speed check the result is deterministic for given inputs and
+    options; with it, it depends on the measured latencies. A model already split by this pass
+    is left unchanged.
     """
 
     name = "sparse-lowrank"

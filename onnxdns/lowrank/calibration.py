@@ -4,10 +4,16 @@ Activations are read by exposing the needed values as extra graph outputs of a *
 the model (only the nodes those values depend on; the caller's model is never touched) and
 running it in onnxruntime on the calibration inputs, batch by batch. Of each layer only sampled
 rows are kept: for a convolution, the im2col patch of its input at a few random output positions
-of every image, with the pre-activation output there; for a Gemm/MatMul, input rows. The rows of
-an image are drawn from a generator seeded by ``(seed, layer, image)``, so the original model and
-a partly split one are sampled at the same positions, whatever the batch size.
-The last ``eval_fraction`` of the images give held-out rows for reporting errors.
+of every image, with the pre-activation output there (rows drawn from a generator seeded by
+``(seed, layer, image)``); for a Gemm/MatMul, rows of its input with every leading axis flattened
+(``[seq, batch, d]`` and ``[batch, seq, d]`` alike: only the last axis is the feature axis),
+drawn per capture batch (seeded by ``(seed, layer, first sample)``; the batches are the same in
+every capture). The original model and a partly split one are thus sampled at the same positions.
+The last ``eval_fraction`` of the samples give held-out rows for reporting errors.
+
+Model inputs (:class:`Inputs`): one array per graph input, of its dtype (float images, int64
+token ids, bool masks, ...), the samples stacked on the input's batch axis, read from the graph
+(:func:`input_specs`: the dimension named like ``batch``, else the first symbolic one, else 0).
 """
 
 from __future__ import annotations
