@@ -153,7 +153,8 @@ class SparseLowRankPass(GraphPass):
                                                         seed=self.settings.seed, data_dir=self.data_dir,
                                                         model=original)
         log.info("sparse-lowrank: calibration inputs: %s", source)
-        base = modelio.to_proto(model)  # cleaned up, not split: the start of every fallback candidate
+        # cleaned up, not split: the start of every fallback candidate (the input itself when the clean-up did nothing)
+        base = modelio.to_proto(model) if any(c["modified"] for c in cleaned.values()) else original
         fitted: dict[str, split.Fitted] = {}
         with blas.blas_threads(self.settings.threads), _Progress(self.progress) as tick:
             details = split.split_model(model, inputs, self.settings, progress=tick, fitted=fitted)
