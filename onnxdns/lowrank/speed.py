@@ -21,8 +21,11 @@ import time
 from typing import Callable, Sequence
 
 import onnx
+import onnxruntime as ort
 
+from onnxdns import runtime
 from onnxdns.lowrank.calibration import Inputs
+from onnxdns.validate import measure_latency
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,16 @@ MEASURE_SECONDS = 1.0
 MIN_REPEATS, MAX_REPEATS = 15, 200
 
 
-def measure(reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: Inputs, batches: Sequence[int], *,
-            threads: int = 0, seconds: float = MEASURE_SECONDS) -> dict[int, dict[str, float]]:
-    """Median latency (ms) of both models per batch size, measured side by side, and their ratio."""
-    from onnxdns.validate import measure_latency
-
+def measure(reference, candidate, inputs: Inputs, batches: Sequence[int], *, threads: int = 0,
+            seconds: float = MEASURE_SECONDS) -> dict[int, dict[str, float]]:
+    """Median latency (ms) of both models (protos, or sessions made without spin-waiting) per batch
+    size, measured side by side, and their ratio."""
     out = {}
+    models = {label: m if isinstance(m, ort.InferenceSession) else runtime.make_session(m, threads=threads,
+                                                                                        spinning=False)
+              for label, m in (("input", reference), ("candidate", candidate))}
     for batch in batches:
         feeds = inputs.repeat_to(batch)
-        models = {"input": reference, "candidate": candidate}
         probe = measure_latency(models, feeds, repeats=3, warmup=2, threads=threads)
         pair_ms = sum(v.median_ms for v in probe.values())
         repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, math.ceil(seconds * 1e3 / max(pair_ms, 1e-3)))))
@@ -70,10 +74,11 @@ def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, 
     attempts = []
     kept: list[str] = []
     t0 = time.perf_counter()
-    for i, size in enumerate(sizes):
+    reference_session = runtime.make_session(reference, threads=threads, spinning=False)
+    for size in sizes:
         subset = order[:size]
         candidate = build(subset)
-        timings = measure(reference, candidate, inputs, batches, threads=threads)
+        timings = measure(reference_session, candidate, inputs, batches, threads=threads)
         worst = min(t["speedup"] for t in timings.values())
         accepted = worst >= min_speedup
         attempts.append({"split_layers": size, "undone": [name for name in order[size:]],
