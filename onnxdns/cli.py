@@ -216,12 +216,14 @@ def _calib_data(text: str):
     if text in DATA_CHOICES[1:]:
         return text
     if text.endswith(".npz"):
+        import zipfile
+
         import numpy as np
 
         try:
             with np.load(text) as npz:
                 return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
     if text.endswith(".npy"):
         import numpy as np

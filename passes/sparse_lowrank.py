@@ -153,6 +153,9 @@ class SparseLowRankPass(GraphPass):
                                                         seed=self.settings.seed, data_dir=self.data_dir,
                                                         model=original)
         log.info("sparse-lowrank: calibration inputs: %s", source)
+        if self.calib_data is None:
+            log.warning("sparse-lowrank: no calibration data given: random inputs (for tests only); the fitted "
+                        "errors say nothing about real data")
         # cleaned up, not split: the start of every fallback candidate (the input itself when the clean-up did nothing)
         base = modelio.to_proto(model) if any(c["modified"] for c in cleaned.values()) else original
         fitted: dict[str, split.Fitted] = {}

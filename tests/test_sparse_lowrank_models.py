@@ -167,6 +167,23 @@ def test_cli_takes_an_npz_of_named_inputs(bert, tmp_path, capsys):
     assert not (tmp_path / "o2.onnx").exists()
 
 
+def test_cli_npz_of_a_one_input_model_and_unreadable_npz(tmp_path, capsys):
+    src, npz, bad = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "bad.npz"
+    onnx.save(identity_net(), src)
+    np.savez(npz, x=normal(48, 24))
+    status = cli.main(["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--passes", "sparse-lowrank",
+                       "--calib-data", str(npz), "--target-compression", "2", "--no-validate"])
+    text = capsys.readouterr()
+    assert status == 0, text.err
+    assert "calibration: array (48 samples)" in text.out and "speed check" in text.out
+    bad.write_bytes(b"PK\x03\x04 not a zip file")
+    status = cli.main(["optimize", str(src), "-o", str(tmp_path / "o2.onnx"), "--passes", "sparse-lowrank",
+                       "--calib-data", str(bad)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("onnxdns: error:") and "cannot read calibration inputs" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o2.onnx").exists()
+
+
 # --------------------------------------------------------------------------- exporter clean-up
 
 
@@ -402,3 +419,48 @@ def test_a_model_with_a_static_batch_of_one_is_calibrated_one_sample_per_run():
     assert d["calibration"]["images"] == 40 and d["calibration"]["eval_images"] == 8
     assert d["speed_check"]["batches"] == [1]
     assert run(result.model, {"x": normal(1, 24)})[0].shape == (1, 10)
+
+
+def ocr_detector_path():
+    """The trained PP-OCRv4 text detector (MobileNetV3-style, dynamic H/W) of the installed
+    ``rapidocr-onnxruntime`` wheel (``scripts/setup.sh`` installs it with ``--no-deps``)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("rapidocr-onnxruntime is not installed: scripts/setup.sh installs it (pip install --no-deps)")
+        pytest.skip("rapidocr-onnxruntime is not installed")
+    path = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing from the installed rapidocr-onnxruntime")
+    return path
+
+
+@pytest.mark.slow
+def test_trained_ocr_detector_is_never_returned_slower():
+    """The trained PP-OCRv4 detector (depthwise convs, hardswish, SE blocks), calibrated on
+    Fashion-MNIST images resized to 3x64x64: what the pass returns was measured faster than the
+    input, or has no split; an independent side-by-side measurement agrees that it is not slower."""
+    from onnxdns.data import load_dataset
+    from onnxdns.validate import measure_latency
+
+    model = onnx.load(ocr_detector_path())
+    images = calibration.fit_images(np.asarray(load_dataset("fashion-mnist", "train").images[:12], np.float32),
+                                    (3, 64, 64))
+    result = SparseLowRankPass(images, target_speedup=2.0, iterations=2, sensitivity=False).apply(model)
+    d = result.details
+    assert any(reason == "grouped or depthwise convolution" for reason in d["skipped"].values())
+    check = d["speed_check"]
+    if is_split(result.model):
+        final = check["attempts"][-1]
+        assert final["accepted"] and final["split_layers"] == d["split_layers"]
+        assert all(t["speedup"] >= check["min_speedup"] for t in final["latency"].values())
+    else:
+        assert check["skipped"] or check["fallback"] == "no split"
+    for batch in (1, 8):
+        feeds = {model.graph.input[0].name: images[:batch]}
+        lat = measure_latency({"in": model, "out": result.model}, feeds, repeats=30)
+        assert lat["out"].median_ms <= lat["in"].median_ms * 1.15, (batch, lat)

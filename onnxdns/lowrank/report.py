@@ -29,11 +29,14 @@ def layer_table(details: dict[str, Any]) -> str:
              f"split {details['split_layers']} of {len(details['layers'])} candidate layers; "
              f"MACs {ratio(macs['before'], macs['after'])} and parameters {ratio(params['before'], params['after'])} "
              f"fewer over them",
-             f"target {goal} ({target['cost']} cost): estimated {target['estimated_ratio']}x, "
+             ("allocation before the speed check: " if _undone(details) else "")
+             + f"target {goal} ({target['cost']} cost): estimated {target['estimated_ratio']}x, "
              f"model parameters {target['params_ratio']}x fewer"
              + ("" if target["reached"] else " (not reachable: cheapest options taken)"),
              "rel. error: ||h(split) - h(original)||_F / ||h(original)||_F of the layer output after its "
              "activation, on held-out calibration images"]
+    if "data" in details.get("calibration", {}):
+        lines.append(f"calibration: {details['calibration']['data']}")
     narrowed = details.get("narrowed")
     if narrowed and narrowed["removed_channels"]:
         lines.append(f"narrowed producers (exact): {sum(narrowed['removed_channels'].values())} channels no split layer "
@@ -43,6 +46,11 @@ def layer_table(details: dict[str, Any]) -> str:
         lines.append(f"kept dense: {name}: {reason}")
     lines.extend(speed_lines(details.get("speed_check")))
     return "\n".join(lines)
+
+
+def _undone(details: dict[str, Any]) -> bool:
+    check = details.get("speed_check") or {}
+    return not check.get("skipped", True) and check.get("fallback") != "none"
 
 
 def speed_lines(check: dict[str, Any] | None) -> list[str]:
