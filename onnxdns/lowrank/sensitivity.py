@@ -4,9 +4,11 @@ The allocation adds up per-layer squared relative errors; layers differ in how m
 the network amplifies an error made there. :func:`sensitivities` measures it with onnxruntime on
 a copy of the model in which every candidate layer's activated output is multiplied by a new
 input ``1 + delta * noise`` (one layer at a time): the sensitivity of a layer is the resulting
-squared relative change of the model outputs divided by ``delta^2``. The noise is drawn per
-sample and *channel* (constant over the spatial positions): the errors of a split layer are
-structured and would not average out in a later pooling as white noise does.
+squared relative change of the model outputs divided by ``delta^2``. For a convolution the noise
+is drawn per sample and *channel* (constant over the spatial positions): the errors of a split
+layer are structured and would not average out in a later pooling as white noise does. For a
+Gemm/MatMul, whose output may hold its samples on any leading axis (``[seq, batch, d]``), it is
+drawn per element.
 """
 
 from __future__ import annotations
