@@ -259,6 +259,36 @@ def test_a_split_that_does_not_pay_is_undone():
     assert "undone" in text and "no split made the model faster" in text
 
 
+def test_fallback_candidates_rebuild_the_kept_splits_exactly():
+    """The speed check's smaller candidates are rebuilt from the unsplit model and the fitted factors:
+    with every layer they equal the pass's split model, with a subset only those layers are split."""
+    from onnxdns.lowrank import split
+
+    base = identity_net()
+    ir_model = modelio.to_ir(base)
+    from onnxdns.passes.sparse_lowrank import _clean_up
+
+    _clean_up(ir_model)
+    cleaned = modelio.to_proto(ir_model)
+    inputs = calibration.Inputs({"x": normal(64, 24)}, {"x": 0})
+    fitted: dict = {}
+    details = split.split_model(ir_model, inputs, split.Settings(target_compression=2.5, iterations=2, threads=1),
+                                fitted=fitted)
+    full = modelio.to_proto(ir_model)
+    names = [r["name"] for r in details["layers"] if r["status"] == "split"]
+    assert len(names) >= 2 and sorted(fitted) == sorted(names)
+    again = modelio.to_ir(cleaned)
+    assert split.apply_fitted(again, [fitted[n] for n in names]) == names
+    feeds = {"x": normal(5, 24)}
+    np.testing.assert_array_equal(run(modelio.to_proto(again), feeds)[0], run(full, feeds)[0])
+    one = modelio.to_ir(cleaned)
+    split.apply_fitted(one, [fitted[names[0]]])
+    one = modelio.to_proto(one)
+    split_nodes = {n.name.split(MARK)[0] for n in one.graph.node if MARK in n.name}
+    assert split_nodes == {names[0]}
+    assert 0 < rel_diff(cleaned, one, feeds) and 0 < rel_diff(full, one, feeds)
+
+
 def conv_stack(width: int = 64) -> onnx.ModelProto:
     """x [N, 8, 32, 32] -> Conv 8->w -> Relu -> 2 x (Conv w->w 3x3 -> Relu) -> GAP: most time in
     two wide convolutions, which a 4x cheaper split makes clearly faster."""
