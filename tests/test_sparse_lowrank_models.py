@@ -207,6 +207,18 @@ def identity_net() -> onnx.ModelProto:
     return make_model(nodes, [tensor_input("x", ["N", 24])], [tensor_input("logits", ["N", 10])], inits)
 
 
+def test_unusable_calibration_arrays_are_user_errors():
+    model = identity_net()
+    bad = normal(16, 24)
+    bad[3, 5] = np.nan
+    with pytest.raises(OnnxdnsError, match="NaN or infinite"):
+        SparseLowRankPass(bad, speed_check=False).apply(model)
+    with pytest.raises(OnnxdnsError, match="at least 2 samples"):
+        SparseLowRankPass(normal(1, 24), speed_check=False).apply(model)
+    with pytest.raises(OnnxdnsError, match="does not fit model input"):
+        SparseLowRankPass(normal(16, 20), speed_check=False).apply(model)
+
+
 def test_weights_and_biases_behind_identity_and_constants_are_candidates():
     """Regression: a legacy export left most layers dense ("bias is not a constant"). The pass runs
     eliminate-identity and fold-constants itself: every layer is a candidate."""

@@ -186,6 +186,11 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
     counts = {n: a.shape[axes[n]] for n, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise OnnxdnsError(f"calibration arrays hold different numbers of samples on their batch axes: {counts}")
+    if min(counts.values()) < 2:
+        raise OnnxdnsError(f"calibration needs at least 2 samples, got {min(counts.values())}")
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise OnnxdnsError(f"calibration array for input '{name}' holds NaN or infinite values")
     inputs = _whole(Inputs(arrays, axes, step).slice(0, samples))
     kind = "array" if len(arrays) == 1 else "arrays"
     return inputs, f"{kind} ({len(inputs)} samples)"
