@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -42,8 +43,10 @@ def rel_diff(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> float:
 def _export(module, args, names, dynamic_axes, path):
     torch = pytest.importorskip("torch")
     module.eval()  # gradients stay on: without them torch takes its fused transformer path, which does not export
-    torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"], dynamic_axes=dynamic_axes,
-                      dynamo=False, opset_version=17)
+    with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer warnings
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"],
+                          dynamic_axes=dynamic_axes, dynamo=False, opset_version=17)
     return onnx.load(path)
 
 
