@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import onnx_ir as ir
 
-from onnxdns import modelio
+from onnxdns import modelio, runtime
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass, PassReport
 from onnxdns.lowrank import blas, calibration, speed, split
@@ -47,7 +47,7 @@ class SparseLowRankPass(GraphPass):
     Conv/Gemm/MatMul, and every layer it cannot fit, stays dense with its reason in ``skipped``.
 
     Never slower (``speed_check``, default on): the split model is timed against the input on
-    onnxruntime CPU, side by side, at batch 1 and ``cost_batch``; unless it is at least
+    ``provider`` (onnxruntime CPU by default; ``--target cuda`` gives CUDA), side by side, at batch 1 and ``cost_batch``; unless it is at least
     ``min_speedup`` times faster at both, the splits with the least estimated saving are undone
     (half, then a quarter, ..., then all) and the candidate re-measured; the measurements and the
     outcome are in ``details["speed_check"]`` (:mod:`onnxdns.lowrank.speed`). With
@@ -96,6 +96,7 @@ class SparseLowRankPass(GraphPass):
         narrow_inputs: bool = True,
         speed_check: bool = True,
         min_speedup: float = 1.05,
+        provider: str = "CPUExecutionProvider",
         seed: int = 0,
         threads: int = 0,
         progress: bool = False,
@@ -122,6 +123,7 @@ class SparseLowRankPass(GraphPass):
             raise OnnxdnsError(f"sparse-lowrank: min_speedup must be at least 1, got {min_speedup}")
         self.speed_check = bool(speed_check)
         self.min_speedup = float(min_speedup)
+        self.provider = str(provider)
         self.progress = progress
         self.data_dir = data_dir
         self.settings = split.Settings(
@@ -172,6 +174,9 @@ class SparseLowRankPass(GraphPass):
             elif not self.speed_check:
                 details["speed_check"] = {"skipped": True, "reason": "disabled (speed_check=False): the split model "
                                                                      "was not timed against its input"}
+            elif self.provider not in runtime.available_providers():
+                details["speed_check"] = {"skipped": True, "reason": f"{self.provider} is not available here: the "
+                                          "split model was not timed on its target"}
             else:
                 details["speed_check"] = self._speed_check(model, original, base, fitted, details, inputs, specs, tick)
         if not details["split_layers"]:  # nothing split, or every split undone: the input after the exact clean-up
@@ -206,8 +211,10 @@ class SparseLowRankPass(GraphPass):
 
         static = calibration.static_batch(specs)
         batches = [static] if static else sorted({1, self.settings.cost_batch})
+        providers = tuple(dict.fromkeys([self.provider, "CPUExecutionProvider"]))
         report = speed.check(original, list(rows), benefit, build, inputs, batches, min_speedup=self.min_speedup,
-                             threads=self.settings.threads, progress=lambda n, total: tick("speed check", n, total))
+                             threads=self.settings.threads, providers=providers,
+                             progress=lambda n, total: tick("speed check", n, total))
         kept = set(report["kept"])
         if kept == set(rows):
             return report

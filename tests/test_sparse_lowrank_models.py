@@ -304,6 +304,21 @@ def test_fallback_candidates_rebuild_the_kept_splits_exactly():
     assert 0 < rel_diff(cleaned, one, feeds) and 0 < rel_diff(full, one, feeds)
 
 
+def test_speed_check_on_an_unavailable_target_provider_is_reported_skipped():
+    """--target cuda times the split on CUDA; where there is none the report says it was not timed."""
+    from onnxdns.pipelines import custom_pipeline
+
+    (slr,) = custom_pipeline(["sparse-lowrank"], target="cuda")
+    assert slr.provider == "CUDAExecutionProvider" and slr.settings.round_to == 8
+    if "CUDAExecutionProvider" in runtime.available_providers():
+        pytest.skip("a CUDA provider is available here")
+    result = SparseLowRankPass(None, calib_samples=64, target_compression=2.0, iterations=1, threads=1,
+                               provider="CUDAExecutionProvider").apply(identity_net())
+    check = result.details["speed_check"]
+    assert check["skipped"] and "CUDAExecutionProvider is not available" in check["reason"]
+    assert is_split(result.model)
+
+
 def conv_stack(width: int = 64) -> onnx.ModelProto:
     """x [N, 8, 32, 32] -> Conv 8->w -> Relu -> 2 x (Conv w->w 3x3 -> Relu) -> GAP: most time in
     two wide convolutions, which a 4x cheaper split makes clearly faster."""

@@ -35,13 +35,14 @@ MIN_REPEATS, MAX_REPEATS = 15, 200
 
 
 def measure(reference, candidate, inputs: Inputs, batches: Sequence[int], *, threads: int = 0,
+            providers: Sequence[str] = ("CPUExecutionProvider",),
             seconds: float = MEASURE_SECONDS) -> dict[int, dict[str, float]]:
     """Median latency (ms) of both models (protos, or sessions made without spin-waiting) per batch
     size, measured side by side, and their ratio."""
     out = {}
-    models = {label: m if isinstance(m, ort.InferenceSession) else runtime.make_session(m, threads=threads,
-                                                                                        spinning=False)
-              for label, m in (("input", reference), ("candidate", candidate))}
+    models = {label: m if isinstance(m, ort.InferenceSession) else runtime.make_session(
+        m, providers=providers, threads=threads, spinning=False) for label, m in (("input", reference),
+                                                                                  ("candidate", candidate))}
     for batch in batches:
         feeds = inputs.repeat_to(batch)
         probe = measure_latency(models, feeds, repeats=3, warmup=2, threads=threads)
@@ -56,7 +57,8 @@ def measure(reference, candidate, inputs: Inputs, batches: Sequence[int], *, thr
 
 def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, float],
           build: Callable[[Sequence[str]], onnx.ModelProto], inputs: Inputs, batches: Sequence[int], *,
-          min_speedup: float = 1.05, threads: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+          min_speedup: float = 1.05, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
+          progress: Callable[[int, int], None] | None = None) -> dict:
     """Find the largest set of split layers (by estimated benefit) whose model is measured faster.
 
     ``layers``: the split layers; ``benefit``: each one's estimated saving (larger = undone
@@ -74,11 +76,11 @@ def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, 
     attempts = []
     kept: list[str] = []
     t0 = time.perf_counter()
-    reference_session = runtime.make_session(reference, threads=threads, spinning=False)
+    reference_session = runtime.make_session(reference, providers=providers, threads=threads, spinning=False)
     for size in sizes:
         subset = order[:size]
         candidate = build(subset)
-        timings = measure(reference_session, candidate, inputs, batches, threads=threads)
+        timings = measure(reference_session, candidate, inputs, batches, threads=threads, providers=providers)
         worst = min(t["speedup"] for t in timings.values())
         accepted = worst >= min_speedup
         attempts.append({"split_layers": size, "undone": [name for name in order[size:]],
@@ -91,7 +93,7 @@ def check(reference: onnx.ModelProto, layers: Sequence[str], benefit: dict[str, 
         if accepted:
             kept = subset
             break
-    return {"skipped": False, "provider": "CPUExecutionProvider", "batches": list(batches),
+    return {"skipped": False, "provider": providers[0], "batches": list(batches),
             "min_speedup": min_speedup, "attempts": attempts, "kept": kept,
             "fallback": "none" if kept == order else ("fewer splits" if kept else "no split"),
             "seconds": round(time.perf_counter() - t0, 2)}
