@@ -95,6 +95,7 @@ class _Planned:
 class Fitted:
     """A split layer's fitted factors, enough to split it again in a fresh copy of the model."""
 
+    index: int  # the layer's position among the candidates of find_layers (names may repeat)
     name: str
     geometry: Geometry
     factors: Factors
@@ -219,7 +220,7 @@ def split_model(model: ir.Model, inputs: Inputs, settings: Settings,
                f"input groups kept, relative error {result.eval_error:.4f}")
         nodes = emit.replace(model.graph, layer, result.factors, doc=doc)
         if fitted is not None:
-            fitted[layer.name] = Fitted(layer.name, geometry, result.factors, doc)
+            fitted[layer.name] = Fitted(layer.index, layer.name, geometry, result.factors, doc)
         row["nodes"] = nodes
         row["seconds"] = round(time.perf_counter() - t0, 3)
         reports.append(row)
@@ -250,12 +251,14 @@ def split_model(model: ir.Model, inputs: Inputs, settings: Settings,
 def apply_fitted(model: ir.Model, fitted: Sequence[Fitted]) -> list[str]:
     """Split, in ``model`` (a copy of the model :func:`split_model` started from), the layers of
     ``fitted`` with their factors; returns the names of the layers split."""
-    by_name = {f.name: f for f in fitted}
+    by_index = {f.index: f for f in fitted}
     done = []
     for layer in find_layers(model.graph)[0]:
-        f = by_name.get(layer.name)
+        f = by_index.get(layer.index)
         if f is None:
             continue
+        if f.name != layer.name:
+            raise ValueError(f"layer {layer.index} is {layer.name}, not {f.name}: not the model that was split")
         layer.geometry = f.geometry
         emit.replace(model.graph, layer, f.factors, doc=f.doc)
         done.append(layer.name)
