@@ -189,7 +189,8 @@ def _export(args: argparse.Namespace) -> int:
 def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sparse-lowrank", "options of the sparse-lowrank pass (name it in --passes)")
     g.add_argument("--calib-data", metavar="DATA",
-                   help="calibration inputs: a dataset name (mnist, fashion-mnist) or a .npy file of model inputs")
+                   help="calibration inputs: a dataset name (mnist, fashion-mnist), a .npy file of inputs of a "
+                        "one-input model, or a .npz file of arrays named after the model inputs")
     g.add_argument("--calib-samples", type=_positive_int, metavar="N", help="calibration inputs to use (default 512)")
     g.add_argument("--target-speedup", type=float, metavar="X",
                    help="estimated onnxruntime speed-up to reach (default 2 unless --target-compression)")
@@ -197,6 +198,9 @@ def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
                    help="parameter reduction to reach (instead, or as well)")
     g.add_argument("--finetune-epochs", type=float, metavar="E",
                    help="fine-tune the split model with onnxruntime-training on --calib-data (a dataset name)")
+    g.add_argument("--no-speed-check", dest="speed_check", action="store_false", default=None,
+                   help="do not time the split model against its input (by default splits that do not make "
+                        "it faster on onnxruntime CPU are undone)")
 
 
 def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
@@ -204,7 +208,7 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
     opts: dict = {}
     if args.calib_data is not None:
         opts["calib_data"] = _calib_data(args.calib_data)
-    for name in ("calib_samples", "target_speedup", "target_compression", "finetune_epochs"):
+    for name in ("calib_samples", "target_speedup", "target_compression", "finetune_epochs", "speed_check"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if not opts:
@@ -218,6 +222,16 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
 def _calib_data(text: str):
     if text in DATA_CHOICES[1:]:
         return text
+    if text.endswith(".npz"):
+        import zipfile
+
+        import numpy as np
+
+        try:
+            with np.load(text) as npz:
+                return {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
     if text.endswith(".npy"):
         import numpy as np
 
@@ -225,7 +239,7 @@ def _calib_data(text: str):
             return np.load(text)
         except (OSError, ValueError) as e:
             raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
-    raise OnnxdnsError(f"--calib-data: expected {', '.join(DATA_CHOICES[1:])} or a .npy file, got '{text}'")
+    raise OnnxdnsError(f"--calib-data: expected {', '.join(DATA_CHOICES[1:])}, a .npy or a .npz file, got '{text}'")
 
 
 def _print_sparse_lowrank(result) -> None:

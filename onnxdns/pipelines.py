@@ -101,6 +101,7 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
             kwargs["round_to"] = ROUND_TO[target]
         elif target == "cuda" and name == "sparse-lowrank":
             kwargs["round_to"] = CUDA_ROUND_TO
+            kwargs["provider"] = "CUDAExecutionProvider"  # its speed check times the split on the target
         kwargs.update(options.get(name.replace("-", "_"), {}))
         try:
             passes.append(registry.get_pass(name, **kwargs))

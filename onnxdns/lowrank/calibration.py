@@ -4,17 +4,23 @@ Activations are read by exposing the needed values as extra graph outputs of a *
 the model (only the nodes those values depend on; the caller's model is never touched) and
 running it in onnxruntime on the calibration inputs, batch by batch. Of each layer only sampled
 rows are kept: for a convolution, the im2col patch of its input at a few random output positions
-of every image, with the pre-activation output there; for a Gemm/MatMul, input rows. The rows of
-an image are drawn from a generator seeded by ``(seed, layer, image)``, so the original model and
-a partly split one are sampled at the same positions, whatever the batch size.
-The last ``eval_fraction`` of the images give held-out rows for reporting errors.
+of every image, with the pre-activation output there (rows drawn from a generator seeded by
+``(seed, layer, image)``); for a Gemm/MatMul, rows of its input with every leading axis flattened
+(``[seq, batch, d]`` and ``[batch, seq, d]`` alike: only the last axis is the feature axis),
+drawn per capture batch (seeded by ``(seed, layer, first sample)``; the batches are the same in
+every capture). The original model and a partly split one are thus sampled at the same positions.
+The last ``eval_fraction`` of the samples give held-out rows for reporting errors.
+
+Model inputs (:class:`Inputs`): one array per graph input, of its dtype (float images, int64
+token ids, bool masks, ...), the samples stacked on the input's batch axis, read from the graph
+(:func:`input_specs`: the dimension named like ``batch``, else the first symbolic one, else 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,58 +34,211 @@ from onnxdns.lowrank.layers import Geometry, Layer
 BATCH_BYTES = 1 << 28
 
 
-def model_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
-    """Name and per-sample shape of the model's single input (static apart from the batch)."""
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise OnnxdnsError(f"sparse-lowrank calibrates models with one input; this one has {len(inputs)}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)[1:]
-    if any(d is None or d <= 0 for d in shape):
-        raise OnnxdnsError(f"input '{inputs[0].name}' needs static dimensions after the batch, got {list(shape)}")
-    return inputs[0].name, shape
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype, dimensions (int, or the symbolic name / None) and the
+    axis its samples are stacked on (the batch axis)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...]
+    batch_axis: int
+
+    def describe(self) -> str:
+        shown = ",".join(str(d) if d is not None else "?" for d in self.dims)
+        return f"'{self.name}' {self.dtype.name} [{shown}]"
 
 
-def ir_model_input(model: ir.Model) -> tuple[str, tuple[int, ...]]:
-    """:func:`model_input` for an onnx-ir model (no serialization)."""
-    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    if len(inputs) != 1:
-        raise OnnxdnsError(f"sparse-lowrank calibrates models with one input; this one has {len(inputs)}")
-    dims = list(inputs[0].shape) if inputs[0].shape is not None else []
-    shape = tuple(dims[1:])
-    if not dims or any(not isinstance(d, int) or d <= 0 for d in shape):
-        raise OnnxdnsError(f"input '{inputs[0].name}' needs static dimensions after the batch, got {list(shape)}")
-    return str(inputs[0].name), tuple(int(d) for d in shape)
+def input_specs(model: onnx.ModelProto | ir.Model) -> list[InputSpec]:
+    """The graph inputs of ``model`` (initializers excluded) with their batch axis.
+
+    The batch axis is the dimension whose symbolic name says so (``batch``, ``N``, ...), else the
+    first symbolic dimension, else axis 0: a ``[seq, batch, d]`` input has its samples on axis 1.
+    """
+    specs = []
+    if isinstance(model, onnx.ModelProto):
+        inits = {i.name for i in model.graph.initializer}
+        for value in model.graph.input:
+            if value.name in inits:
+                continue
+            tensor = value.type.tensor_type
+            if not value.type.HasField("tensor_type"):
+                raise OnnxdnsError(f"sparse-lowrank: input '{value.name}' is not a tensor")
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+            specs.append(_spec(value.name, tensor.elem_type, dims))
+    else:
+        for value in model.graph.inputs:
+            if value.is_initializer():
+                continue
+            if not isinstance(value.type, ir.TensorType):
+                raise OnnxdnsError(f"sparse-lowrank: input '{value.name}' is not a tensor")
+            dims = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+                         for d in (value.shape or ()))
+            specs.append(_spec(str(value.name), int(value.dtype), dims))
+    if not specs:
+        raise OnnxdnsError("sparse-lowrank: the model has no inputs to calibrate with")
+    return specs
 
 
-def calibration_inputs(calib_data: Any, shape: tuple[int, ...], samples: int, *, seed: int = 0,
-                       data_dir: str | None = None) -> tuple[np.ndarray, str]:
-    """``samples`` model inputs of per-sample ``shape`` and a description of where they came from.
+_BATCH_NAMES = ("batch", "n", "b", "bs", "batch_size", "n_batch", "unk__0")
 
-    ``calib_data``: ``None`` (standard-normal inputs: for tests only), a dataset name of
+
+def _spec(name: str, elem_type: int, dims: tuple) -> InputSpec:
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise OnnxdnsError(f"sparse-lowrank: input '{name}' has an unsupported type ({elem_type})") from None
+    axis = next((i for i, d in enumerate(dims) if isinstance(d, str) and d.lower() in _BATCH_NAMES), None)
+    if axis is None:
+        axis = next((i for i, d in enumerate(dims) if "batch" in str(d).lower() and not isinstance(d, int)), None)
+    if axis is None:
+        axis = next((i for i, d in enumerate(dims) if not isinstance(d, int) or d <= 0), 0)
+    return InputSpec(name, dtype, dims, axis if dims else 0)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Calibration inputs: one array per model input, the samples stacked on each input's batch
+    axis (``axes``); every input holds the same number of samples. ``step``: the batch size the
+    model takes when it is static (every run then feeds exactly that many samples), else None."""
+
+    arrays: dict[str, np.ndarray]
+    axes: dict[str, int]
+    step: int | None = None
+
+    def __len__(self) -> int:
+        return min(int(a.shape[self.axes[n]]) for n, a in self.arrays.items())
+
+    def feeds(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """The model feeds of samples ``start:stop``."""
+        return {n: np.ascontiguousarray(_take(a, self.axes[n], start, stop)) for n, a in self.arrays.items()}
+
+    def slice(self, start: int = 0, stop: int | None = None) -> "Inputs":
+        return Inputs(self.feeds(start, stop), dict(self.axes), self.step)
+
+    def repeat_to(self, n: int) -> dict[str, np.ndarray]:
+        """Feeds of exactly ``n`` samples (the first ones, cycled when there are fewer)."""
+        idx = np.arange(n) % max(len(self), 1)
+        return {k: np.ascontiguousarray(np.take(a, idx, axis=self.axes[k])) for k, a in self.arrays.items()}
+
+    @property
+    def sample_bytes(self) -> int:
+        return int(sum(a.nbytes // max(a.shape[self.axes[n]], 1) for n, a in self.arrays.items()))
+
+
+def _take(array: np.ndarray, axis: int, start: int, stop: int | None) -> np.ndarray:
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int, *, seed: int = 0,
+                       data_dir: str | None = None, model: onnx.ModelProto | None = None) -> tuple[Inputs, str]:
+    """``samples`` model inputs and a description of where they came from.
+
+    ``calib_data``: ``None`` (random inputs of the right dtypes from
+    :func:`onnxdns.runtime.input_feeds`, needs ``model``: for tests only), a dataset name of
     :mod:`onnxdns.data` (a random subset of its train split; 1-channel 28x28 images are resized
-    bilinearly to the model's H x W and repeated over its channels), or an array ``[N, ...]`` of
-    inputs (images ``[N, 1 or C, h, w]`` are resized the same way).
+    bilinearly to the model's H x W and repeated over its channels; one image input), an array of
+    inputs for a one-input model (images ``[N, 1 or C, h, w]`` are resized the same way), or a
+    mapping (a dict, or the ``NpzFile`` of an ``.npz``) from input names to arrays, samples
+    stacked on each input's batch axis. Arrays are cast to the input types (integers and booleans
+    only from integer or boolean data).
     """
     if samples < 1:
         raise OnnxdnsError(f"calibration needs at least one sample, got {samples}")
+    specs = list(specs)
+    axes = {s.name: s.batch_axis for s in specs}
+    step = static_batch(specs)
     if calib_data is None:
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal((samples, *shape)).astype(np.float32), "random (standard normal)"
+        if model is None:
+            raise OnnxdnsError("random calibration inputs need the model")
+        runs = [runtime.input_feeds(model, batch=samples, seed=seed)] if step is None else \
+            [runtime.input_feeds(model, batch=step, seed=seed + i) for i in range(-(-samples // step))]
+        arrays = {s.name: np.concatenate([r[s.name] for r in runs], axis=axes[s.name]) for s in specs}
+        return _whole(Inputs(arrays, axes, step).slice(0, samples)), "random (runtime.input_feeds)"
     if isinstance(calib_data, str):
+        spec = _single(specs, f"the dataset '{calib_data}'")
+        shape = tuple(spec.dims[1:])
+        if spec.dtype.kind != "f" or len(spec.dims) != 4 or any(not isinstance(d, int) or d <= 0 for d in shape):
+            raise OnnxdnsError(f"the dataset '{calib_data}' gives images [N, C, H, W]; model input "
+                               f"{spec.describe()} needs static C, H, W; give an array or .npz of inputs")
         from onnxdns.data import load_dataset, subset
 
         ds = load_dataset(calib_data, "train", data_dir=data_dir)
         ds = subset(ds, min(samples, len(ds)), seed)
-        return fit_images(np.asarray(ds.images, np.float32), shape), f"{calib_data} train ({len(ds)} images)"
-    array = np.asarray(calib_data, dtype=np.float32)
-    if array.ndim < 2:
-        raise OnnxdnsError(f"calibration array must be [N, ...], got shape {list(array.shape)}")
-    array = array[:samples]
-    if tuple(array.shape[1:]) != tuple(shape):
-        array = fit_images(array, shape)
-    return np.ascontiguousarray(array), f"array ({len(array)} samples)"
+        images = fit_images(np.asarray(ds.images, np.float32), shape).astype(spec.dtype, copy=False)
+        return _whole(Inputs({spec.name: images}, {spec.name: 0}, step)), f"{calib_data} train ({len(ds)} images)"
+    if isinstance(calib_data, Mapping) or hasattr(calib_data, "files"):
+        names = list(calib_data.files) if hasattr(calib_data, "files") else list(calib_data)
+        wanted = [s.name for s in specs]
+        if sorted(names) != sorted(wanted):
+            raise OnnxdnsError(f"calibration arrays {names} must be named after the model inputs {wanted}")
+        arrays = {s.name: _cast(np.asarray(calib_data[s.name]), s) for s in specs}
+    else:
+        spec = _single(specs, "a single calibration array")
+        array = np.asarray(calib_data)
+        if array.ndim >= 2 and array.dtype.kind in "fiub" and spec.dtype.kind == "f" and len(spec.dims) == 4 \
+                and spec.batch_axis == 0 and all(isinstance(d, int) and d > 0 for d in spec.dims[1:]) \
+                and tuple(array.shape[1:]) != tuple(spec.dims[1:]):
+            array = fit_images(array.astype(np.float32), tuple(spec.dims[1:]))
+        arrays = {spec.name: _cast(array, spec)}
+    counts = {n: a.shape[axes[n]] for n, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise OnnxdnsError(f"calibration arrays hold different numbers of samples on their batch axes: {counts}")
+    if min(counts.values()) < 2:
+        raise OnnxdnsError(f"calibration needs at least 2 samples, got {min(counts.values())}")
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise OnnxdnsError(f"calibration array for input '{name}' holds NaN or infinite values")
+    inputs = _whole(Inputs(arrays, axes, step).slice(0, samples))
+    kind = "array" if len(arrays) == 1 else "arrays"
+    return inputs, f"{kind} ({len(inputs)} samples)"
+
+
+def static_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size the model takes when its inputs fix it (e.g. ``[1, 3, 224, 224]``), else None."""
+    sizes = {s.dims[s.batch_axis] for s in specs if s.dims and isinstance(s.dims[s.batch_axis], int)
+             and s.dims[s.batch_axis] > 0}
+    if len(sizes) > 1:
+        raise OnnxdnsError(f"sparse-lowrank: the model inputs fix different batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def _whole(inputs: Inputs) -> Inputs:
+    """``inputs`` cut to a whole number of the model's static batches."""
+    if not inputs.step:
+        return inputs
+    n = len(inputs) // inputs.step * inputs.step
+    if n < 2 * inputs.step:
+        raise OnnxdnsError(f"the model takes batches of exactly {inputs.step} samples; calibration needs at least "
+                           f"{2 * inputs.step} samples, got {len(inputs)}")
+    return inputs.slice(0, n)
+
+
+def _single(specs: list[InputSpec], what: str) -> InputSpec:
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise OnnxdnsError(f"{what} suits a model with one input; this one has {len(specs)} ({names}): give a "
+                           f"dict or .npz of arrays named after them")
+    return specs[0]
+
+
+def _cast(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``array`` as ``spec``'s dtype, checked against its rank and static dimensions."""
+    if array.ndim != len(spec.dims) or array.ndim == 0:
+        raise OnnxdnsError(f"calibration array of shape {list(array.shape)} does not fit model input {spec.describe()}")
+    for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
+        if axis != spec.batch_axis and isinstance(want, int) and want > 0 and got != want:
+            raise OnnxdnsError(f"calibration array of shape {list(array.shape)} does not fit model input "
+                               f"{spec.describe()}")
+    if array.dtype == spec.dtype:
+        return array
+    if spec.dtype.kind in "iub" and array.dtype.kind not in "iub":
+        raise OnnxdnsError(f"model input {spec.describe()} needs integer or boolean data, got {array.dtype.name}")
+    if spec.dtype.kind == "f" and array.dtype.kind not in "fiub":
+        raise OnnxdnsError(f"model input {spec.describe()} needs numbers, got {array.dtype.name}")
+    return array.astype(spec.dtype)
 
 
 def fit_images(images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -150,9 +309,10 @@ class Plan:
     eval_images: int
 
     @classmethod
-    def split(cls, n_images: int, eval_fraction: float) -> "Plan":
-        n_eval = int(round(n_images * eval_fraction))
-        n_eval = min(max(n_eval, 1 if n_images > 1 else 0), n_images - 1)
+    def split(cls, n_images: int, eval_fraction: float, step: int = 1) -> "Plan":
+        """``step``: the held-out part is a whole number of the model's static batches."""
+        n_eval = int(round(n_images * eval_fraction / step)) * step
+        n_eval = min(max(n_eval, step if n_images > step else 0), n_images - step)
         return cls(n_images - n_eval, n_eval)
 
     @staticmethod
@@ -160,16 +320,31 @@ class Plan:
         return int(min(positions, max(1, math.ceil(target_rows / max(images, 1)))))
 
 
-def capture(proto: onnx.ModelProto, layers: Sequence[Layer], images: np.ndarray, plan: Plan,
+def chunks(inputs: Inputs, plan: Plan) -> list[tuple[int, int]]:
+    """Capture batches ``(start, stop)``: sized by :data:`BATCH_BYTES`, never straddling the end of
+    the fit images (a batch is all fit or all held-out)."""
+    per_sample = max(inputs.sample_bytes, 4) * 64
+    batch = inputs.step or int(max(1, min(256, BATCH_BYTES // per_sample)))
+    bounds = []
+    for lo, hi in ((0, plan.fit_images), (plan.fit_images, len(inputs))):
+        bounds.extend((s, min(s + batch, hi)) for s in range(lo, hi, batch))
+    return bounds
+
+
+def capture(proto: onnx.ModelProto, layers: Sequence[Layer], inputs: Inputs, plan: Plan,
             target_rows: Callable[[Geometry], int], *, preact: bool = True, seed: int = 0, threads: int = 0,
             progress: Callable[[int], None] | None = None) -> dict[int, Rows]:
-    """Rows of every layer in ``layers`` from one onnxruntime run over ``images`` per batch.
+    """Rows of every layer in ``layers`` from one onnxruntime run over ``inputs`` per batch.
 
     ``target_rows(geometry)`` is the number of fit rows wanted for a layer (known once its
     positions per sample are seen); held-out rows are a quarter of that, from the last
-    ``plan.eval_images`` images. With ``preact=False`` only the layer inputs are read.
+    ``plan.eval_images`` samples. With ``preact=False`` only the layer inputs are read.
+
+    A convolution's input is ``[batch, C, H, W]``: rows are drawn per image. A Gemm/MatMul input
+    may hold its samples on any leading axis (``[seq, batch, d]`` or ``[batch, seq, d]``): its
+    rows are all leading axes flattened (only the last axis is the feature axis), drawn per
+    capture batch (the batches are the same in every capture).
     """
-    input_name, _ = model_input(proto)
     names = []
     for layer in layers:
         names.append(layer.input_name)
@@ -177,39 +352,49 @@ def capture(proto: onnx.ModelProto, layers: Sequence[Layer], images: np.ndarray,
             names.append(layer.output_name)
     names = list(dict.fromkeys(names))
     session = runtime.make_session(prefix_model(proto, names), threads=threads)
-    per_sample = images[0].size * 4 * 64
-    batch = int(max(1, min(256, BATCH_BYTES // max(per_sample, 1))))
     collected: dict[int, dict[str, list[np.ndarray]]] = {
         layer.index: {"x": [], "z": [], "xe": [], "ze": []} for layer in layers}
     geometries: dict[int, Geometry] = {}
     counts: dict[int, tuple[int, int]] = {}
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        outs = dict(zip(names, session.run(names, {input_name: chunk})))
+    for start, stop in chunks(inputs, plan):
+        n = stop - start
+        feeds = inputs.feeds(start, stop)
+        outs = dict(zip(names, run(session, names, feeds)))
+        # a graph input read as an output may come back aliasing the feed's memory: use the feed itself
+        outs.update((name, feeds[name]) for name in names if name in feeds)
+        held_out = start >= plan.fit_images
         for layer in layers:
             x = outs[layer.input_name]
             z = outs[layer.output_name] if preact else None
             if layer.index not in geometries:
-                geometries[layer.index] = _observed(layer.geometry, x)
+                geometries[layer.index] = _observed(layer.geometry, x, n)
                 geom = geometries[layer.index]
                 want = target_rows(geom)
                 counts[layer.index] = (Plan.per_image(want, plan.fit_images, geom.positions),
                                        Plan.per_image(max(want // 4, 1), plan.eval_images, geom.positions))
             geom = geometries[layer.index]
-            for b in range(len(chunk)):
-                image = start + b
-                held_out = image >= plan.fit_images
-                k = counts[layer.index][1 if held_out else 0]
-                rng = np.random.default_rng([seed, layer.index, image])
-                pos = (rng.choice(geom.positions, size=k, replace=False) if k < geom.positions
-                       else np.arange(geom.positions))
-                xs, zs = _rows(layer.geometry, x[b], None if z is None else z[b], pos)
-                bucket = collected[layer.index]
-                bucket["xe" if held_out else "x"].append(xs)
-                if zs is not None:
-                    bucket["ze" if held_out else "z"].append(zs)
+            k = counts[layer.index][1 if held_out else 0]
+            bucket = collected[layer.index]
+            if layer.geometry.op == "Conv":
+                for b in range(x.shape[0]):
+                    rng = np.random.default_rng([seed, layer.index, start + b])
+                    pos = (rng.choice(geom.positions, size=k, replace=False) if k < geom.positions
+                           else np.arange(geom.positions))
+                    xs, zs = _rows(layer.geometry, x[b], None if z is None else z[b], pos)
+                    bucket["xe" if held_out else "x"].append(xs)
+                    if zs is not None:
+                        bucket["ze" if held_out else "z"].append(zs)
+            else:
+                xr = x.reshape(-1, x.shape[-1])
+                total = xr.shape[0]
+                want_rows = k * n
+                rng = np.random.default_rng([seed, layer.index, start])
+                pos = np.sort(rng.choice(total, size=want_rows, replace=False)) if want_rows < total else slice(None)
+                bucket["xe" if held_out else "x"].append(xr[pos])
+                if z is not None:
+                    bucket["ze" if held_out else "z"].append(z.reshape(-1, z.shape[-1])[pos])
         if progress is not None:
-            progress(len(chunk))
+            progress(n)
     result = {}
     for layer in layers:
         bucket = collected[layer.index]
@@ -221,8 +406,23 @@ def capture(proto: onnx.ModelProto, layers: Sequence[Layer], images: np.ndarray,
     return result
 
 
-def _observed(geometry: Geometry, x: np.ndarray) -> Geometry:
-    """``geometry`` with the per-sample input shape and output positions seen at run time."""
+def run(session, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` on the feeds the session takes (a pruned copy may need fewer inputs); an
+    onnxruntime failure on the calibration inputs is a user error."""
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    try:
+        return session.run(names, feeds)
+    except Exception as e:  # onnxruntime raises its own exception types (RuntimeException, InvalidArgument, ...)
+        shapes = ", ".join(f"{k} {v.dtype.name}{list(v.shape)}" for k, v in feeds.items())
+        lines = str(e).strip().splitlines()
+        raise OnnxdnsError(f"onnxruntime cannot run the model on the calibration inputs ({shapes}): "
+                           f"{lines[0] if lines else type(e).__name__}") from None
+
+
+def _observed(geometry: Geometry, x: np.ndarray, samples: int) -> Geometry:
+    """``geometry`` with the per-sample input shape and output positions seen at run time
+    (``x``: the layer input of ``samples`` model samples)."""
     if geometry.op == "Conv":
         h, w = x.shape[2:]
         kh, kw = geometry.kernel
@@ -232,9 +432,11 @@ def _observed(geometry: Geometry, x: np.ndarray) -> Geometry:
         oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
         ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
         positions = oh * ow
+        shape = tuple(int(s) for s in x.shape[1:])
     else:
-        positions = int(math.prod(x.shape[1:-1])) if x.ndim > 2 else 1
-    return dataclasses.replace(geometry, input_shape=tuple(int(s) for s in x.shape[1:]), positions=int(positions))
+        positions = max(1, x.size // max(x.shape[-1], 1) // max(samples, 1))
+        shape = (positions, int(x.shape[-1])) if positions > 1 else (int(x.shape[-1]),)
+    return dataclasses.replace(geometry, input_shape=shape, positions=int(positions))
 
 
 def _rows(geometry: Geometry, x: np.ndarray, z: np.ndarray | None,

@@ -90,10 +90,14 @@ def find_layers(graph: ir.Graph) -> tuple[list[Layer], dict[str, str]]:
     """Candidate layers in graph order, and the skipped Conv/Gemm/MatMul nodes with the reason."""
     layers: list[Layer] = []
     skipped: dict[str, str] = {}
+    seen: set[str] = set()
     for node in graph:
         if node.domain != "" or node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         name = node.name or f"{node.op_type}_{len(layers) + len(skipped)}"
+        if name in seen:  # node names need not be unique: reports and fallbacks key layers by name
+            name = f"{name}#{len(layers) + len(skipped)}"
+        seen.add(name)
         try:
             geometry, weight, bias = _describe(node)
         except _Skip as e:

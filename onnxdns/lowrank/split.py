@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -25,8 +26,9 @@ import onnx_ir as ir
 from onnxdns import modelio
 from onnxdns.lowrank import budget as budget_mod
 from onnxdns.lowrank import calibration, emit
+from onnxdns.lowrank.calibration import Inputs
 from onnxdns.lowrank.cost import NODE_US, PEAK_MACS, option_cost
-from onnxdns.lowrank.fit import LayerData, Problem, admm, post_activation_error, truncated_svd
+from onnxdns.lowrank.fit import Factors, LayerData, Problem, admm, post_activation_error, truncated_svd
 from onnxdns.lowrank.layers import Geometry, Layer, find_layers
 from onnxdns.lowrank.sensitivity import sensitivities
 from onnxdns.stats import model_stats
@@ -74,7 +76,10 @@ class Settings:
         return int(min(self.max_rows, max(self.min_rows, self.rows_per_dim * (geometry.dim + 1))))
 
 
-Progress = Callable[[str, int], None]
+#: ``progress(stage, n, total)``: ``n`` more items of a stage done, out of ``total``.
+Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -86,10 +91,25 @@ class _Planned:
     z_eval: np.ndarray
 
 
-def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
-                progress: Progress | None = None) -> dict[str, Any]:
-    """Split the layers of ``model`` (in place) and return the report details."""
-    tick = progress or (lambda stage, n: None)
+@dataclasses.dataclass
+class Fitted:
+    """A split layer's fitted factors, enough to split it again in a fresh copy of the model."""
+
+    index: int  # the layer's position among the candidates of find_layers (names may repeat)
+    name: str
+    geometry: Geometry
+    factors: Factors
+    doc: str
+
+
+def split_model(model: ir.Model, inputs: Inputs, settings: Settings,
+                progress: Progress | None = None, fitted: dict[str, Fitted] | None = None) -> dict[str, Any]:
+    """Split the layers of ``model`` (in place) and return the report details.
+
+    ``fitted``, when given, receives the factors of every split layer by layer name (see
+    :func:`apply_fitted`).
+    """
+    tick = progress or (lambda stage, n, total: None)
     t_start = time.perf_counter()
     layers, skipped = find_layers(model.graph)
     chosen_layers = []
@@ -100,33 +120,46 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
             skipped[layer.name] = f"input dimension {layer.geometry.dim} > max_dim {settings.max_dim}"
         else:
             chosen_layers.append(layer)
+    log.info("sparse-lowrank: %d candidate layers, %d left dense (%d calibration samples)",
+             len(chosen_layers), len(skipped), len(inputs))
     proto = modelio.to_proto(model)
     stats = model_stats(proto)
-    plan = calibration.Plan.split(len(images), settings.eval_fraction)
+    plan = calibration.Plan.split(len(inputs), settings.eval_fraction, inputs.step or 1)
 
     # ---- phase 1: errors of every option on the original model
     planned: list[_Planned] = []
-    for group in _groups(chosen_layers, settings):
-        rows = calibration.capture(proto, group, images, plan, settings.target_rows, preact=True, seed=settings.seed,
-                                   threads=settings.threads, progress=lambda n: tick("calibrate", n))
+    groups = _groups(chosen_layers, settings)
+    for gi, group in enumerate(groups):
+        log.info("sparse-lowrank: calibration pass %d/%d (%d layers)", gi + 1, len(groups), len(group))
+        rows = calibration.capture(proto, group, inputs, plan, settings.target_rows, preact=True, seed=settings.seed,
+                                   threads=settings.threads,
+                                   progress=lambda n: tick("calibrate", n, len(inputs) * len(groups)))
         for layer in group:
             r = rows.pop(layer.index)
             geometry = r.geometry
             layer.geometry = geometry
-            if r.x.shape[0] < geometry.dim + 1:
-                skipped[layer.name] = f"{r.x.shape[0]} calibration rows < input dimension + 1 = {geometry.dim + 1}"
+            reason = _unusable(r, geometry)
+            if reason:
+                skipped[layer.name] = reason
+                tick("estimate", 1, len(chosen_layers))
                 continue
             data = LayerData(r.x, r.z, r.x_eval, r.z_eval, geometry.group_size, layer.activation)
             problem = Problem(data, layer.weight, settings.ridge)
-            table = _table(problem, geometry, settings)
+            try:
+                table = _table(problem, geometry, settings)
+            except np.linalg.LinAlgError as e:
+                skipped[layer.name] = f"the fit failed on its calibration rows ({e})"
+                continue
+            finally:
+                tick("estimate", 1, len(chosen_layers))
             planned.append(_Planned(layer, geometry, table, r.z, r.z_eval))
-            tick("estimate", 1)
             del data, problem, r
         gc.collect()
     weights = {p.layer.index: 1.0 for p in planned}
     if settings.sensitivity and planned and plan.eval_images:
-        sens = sensitivities(proto, [p.layer for p in planned], images[plan.fit_images:], seed=settings.seed,
-                             threads=settings.threads)
+        log.info("sparse-lowrank: measuring the output sensitivity of %d layers", len(planned))
+        sens = sensitivities(proto, [p.layer for p in planned], inputs.slice(plan.fit_images), seed=settings.seed,
+                             threads=settings.threads, batch=inputs.step or 64)
         mean = float(np.mean(list(sens.values()))) or 1.0
         weights = {i: max(v / mean, 1e-6) for i, v in sens.items()}
         for p in planned:
@@ -146,6 +179,9 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
     params_total = stats.params - sum(p.geometry.params(None, 0) for p in planned)
     params_after = params_total + sum(p.table[i].params for p, i in zip(planned, choice))
     t_alloc = time.perf_counter()
+    to_fit = sum(1 for p, i in zip(planned, choice) if not p.table[i].dense)
+    log.info("sparse-lowrank: allocation done (estimated %.2fx, target %s); fitting %d layers",
+             estimated, "reached" if feasible else "not reachable", to_fit)
 
     # ---- phase 2: ADMM fit of the chosen options, layer by layer, on the model split so far
     reports = []
@@ -153,35 +189,45 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
     for p, i in zip(planned, choice):
         option = p.table[i]
         layer, geometry = p.layer, p.geometry
-        row = _row(layer, geometry, option, weights[layer.index])
+        row = _row(layer, geometry, option, weights[layer.index], settings.cost_batch)
         if option.dense:
             row.update(status="dense", reason="the allocation kept this layer dense")
             reports.append(row)
-            tick("fit", 1)
             continue
         t0 = time.perf_counter()
+        log.info("sparse-lowrank: fitting %s (rank %s, %d/%d input groups kept)", layer.name, option.rank,
+                 option.keep, geometry.in_channels)
         if current is None:
             current = modelio.to_proto(model)
-        rows = calibration.capture(current, [layer], images, plan, settings.target_rows, preact=False,
+        rows = calibration.capture(current, [layer], inputs, plan, settings.target_rows, preact=False,
                                    seed=settings.seed, threads=settings.threads)[layer.index]
         data = LayerData(rows.x, p.z, rows.x_eval, p.z_eval, geometry.group_size, layer.activation)
         problem = Problem(data, layer.weight, settings.ridge)
-        result = admm(problem, option.rank, option.keep, iterations=settings.iterations)
+        try:
+            result = admm(problem, option.rank, option.keep, iterations=settings.iterations)
+        except np.linalg.LinAlgError as e:
+            row.update(status="dense", reason=f"the fit failed ({e})", macs_after=row["macs_before"],
+                       params_after=row["params_before"], est_us_after=row["est_us_before"])
+            reports.append(row)
+            tick("fit", 1, to_fit)
+            continue
         row.update(status="split", rel_error=result.eval_error, rel_error_fit=result.fit_error,
                    rel_error_fit_linear=result.history[0], admm_history=[round(h, 6) for h in result.history],
                    best_iteration=result.best_iteration, kept_groups=[int(c) for c in result.factors.keep])
         if settings.compare:
             row["baselines"] = _baselines(problem, layer, geometry, option, settings)
-        nodes = emit.replace(model.graph, layer, result.factors,
-                             doc=f"onnxdns sparse-lowrank: rank {option.rank}, {option.keep}/{geometry.in_channels} "
-                                 f"input groups kept, relative error {result.eval_error:.4f}")
+        doc = (f"onnxdns sparse-lowrank: rank {option.rank}, {option.keep}/{geometry.in_channels} "
+               f"input groups kept, relative error {result.eval_error:.4f}")
+        nodes = emit.replace(model.graph, layer, result.factors, doc=doc)
+        if fitted is not None:
+            fitted[layer.name] = Fitted(layer.index, layer.name, geometry, result.factors, doc)
         row["nodes"] = nodes
         row["seconds"] = round(time.perf_counter() - t0, 3)
         reports.append(row)
         current = None
         del data, problem, rows
         gc.collect()
-        tick("fit", 1)
+        tick("fit", 1, to_fit)
     split = [r for r in reports if r["status"] == "split"]
     return {
         "target": {"speedup": settings.target_speedup, "compression": settings.target_compression,
@@ -196,10 +242,40 @@ def split_model(model: ir.Model, images: np.ndarray, settings: Settings,
                  "after": int(sum(r["macs_after"] for r in reports))},
         "params": {"before": int(sum(r["params_before"] for r in reports)),
                    "after": int(sum(r["params_after"] for r in reports))},
-        "calibration": {"images": len(images), "fit_images": plan.fit_images, "eval_images": plan.eval_images},
+        "calibration": {"images": len(inputs), "fit_images": plan.fit_images, "eval_images": plan.eval_images},
         "seconds": {"estimate_and_allocate": round(t_alloc - t_start, 2),
                     "fit": round(time.perf_counter() - t_alloc, 2)},
     }
+
+
+def apply_fitted(model: ir.Model, fitted: Sequence[Fitted]) -> list[str]:
+    """Split, in ``model`` (a copy of the model :func:`split_model` started from), the layers of
+    ``fitted`` with their factors; returns the names of the layers split."""
+    by_index = {f.index: f for f in fitted}
+    done = []
+    for layer in find_layers(model.graph)[0]:
+        f = by_index.get(layer.index)
+        if f is None:
+            continue
+        if f.name != layer.name:
+            raise ValueError(f"layer {layer.index} is {layer.name}, not {f.name}: not the model that was split")
+        layer.geometry = f.geometry
+        emit.replace(model.graph, layer, f.factors, doc=f.doc)
+        done.append(layer.name)
+    return done
+
+
+def _unusable(rows: calibration.Rows, geometry: Geometry) -> str:
+    """Why a layer's calibration rows cannot be fitted ('' when they can)."""
+    if rows.x is None or rows.z is None or rows.x.shape[0] < geometry.dim + 1:
+        got = 0 if rows.x is None else rows.x.shape[0]
+        return f"{got} calibration rows < input dimension + 1 = {geometry.dim + 1}"
+    if rows.x.shape[1] != geometry.dim or rows.z.shape[1] != geometry.out_channels:
+        return (f"its input/output rows have {rows.x.shape[1]}/{rows.z.shape[1]} features, "
+                f"expected {geometry.dim}/{geometry.out_channels}")
+    if not (np.all(np.isfinite(rows.x)) and np.all(np.isfinite(rows.z))):
+        return "its calibration inputs or outputs hold NaN or infinite values"
+    return ""
 
 
 def _groups(layers: list[Layer], settings: Settings) -> list[list[Layer]]:
@@ -248,8 +324,9 @@ def _fixed_cost(settings: Settings, stats, planned: list[_Planned]) -> float:
     return other_macs * settings.cost_batch / PEAK_MACS + NODE_US * other_nodes
 
 
-def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option, weight: float) -> dict[str, Any]:
+def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option, weight: float, batch: int) -> dict[str, Any]:
     g = geometry
+    dense_us = option_cost("latency", g, None, 0, batch)
     return {
         "name": layer.name, "op": g.op, "in_channels": g.in_channels, "out_channels": g.out_channels,
         "kernel": list(g.kernel), "activation": layer.activation,
@@ -257,6 +334,8 @@ def _row(layer: Layer, geometry: Geometry, option: budget_mod.Option, weight: fl
         "macs_before": g.macs(None, 0), "macs_after": option.macs,
         "params_before": g.params(None, 0), "params_after": option.params,
         "estimated_error": round(float(np.sqrt(option.error / weight)), 6), "sensitivity": round(weight, 4),
+        "est_us_before": round(dense_us, 2),
+        "est_us_after": round(dense_us if option.dense else option_cost("latency", g, option.rank, option.keep, batch), 2),
     }
 
 
