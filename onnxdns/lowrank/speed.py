@@ -21,7 +21,7 @@ import time
 from typing import Callable, Sequence
 
 import onnx
-import onnxruntime as ort
+from onnxdns.runtime import ort
 
 from onnxdns import runtime
 from onnxdns.lowrank.calibration import Inputs
