@@ -122,6 +122,9 @@ class InputPlan:
     batch: int | None
     #: What was decided and why (fallbacks), one sentence each.
     notes: tuple[str, ...] = ()
+    #: True when ``batch`` is smaller than asked for (the model failed at it, or its inputs did
+    #: not fit the memory budget): larger batches are not to be used.
+    batch_limited: bool = False
 
     @property
     def has_batch(self) -> bool:
@@ -155,7 +158,9 @@ class InputPlan:
         return feeds
 
     def with_batch(self, batch: int | None, note: str | None = None) -> InputPlan:
-        return dataclasses.replace(self, batch=batch, notes=self.notes + ((note,) if note else ()))
+        """This plan at another batch size; a ``note`` says why it is smaller than asked for."""
+        return dataclasses.replace(self, batch=batch, notes=self.notes + ((note,) if note else ()),
+                                   batch_limited=self.batch_limited or note is not None)
 
 
 def input_feeds(model: onnx.ModelProto | ort.InferenceSession, batch: int = 1, seed: int = 0, *,
@@ -361,7 +366,8 @@ def _probe(sess: ort.InferenceSession, plan: InputPlan, free: list[tuple[int, in
                 if size != FREE_SIZE:
                     notes.append(f"the input model fails with dynamic dimensions {names} = {FREE_SIZE}; they are {size}"
                                  + ("" if batch != plan.batch else f" ({first_error})"))
-                return dataclasses.replace(candidate, notes=plan.notes + tuple(notes))
+                return dataclasses.replace(candidate, notes=plan.notes + tuple(notes),
+                                           batch_limited=plan.batch_limited or batch != plan.batch)
     raise OnnxdnsError(f"the input model fails on random inputs ({plan.describe()}): {first_error}; "
                        f"give real inputs with --data FILE.npz")
 

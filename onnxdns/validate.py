@@ -112,7 +112,8 @@ def compare(
     """Run ``model_a`` and ``model_b`` on the same inputs and compare them.
 
     ``data`` is ``"random"`` (random inputs that fit model A, see
-    :func:`onnxdns.runtime.plan_inputs`; ``plan`` gives them ready-made), a dataset name
+    :func:`onnxdns.runtime.plan_inputs`; ``plan``, or an ``InputPlan`` as ``data``, gives them
+    ready-made), a dataset name
     (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]), a
     loaded dataset (an object with ``.images`` and ``.labels``), the path of a ``.npz`` file or
     a mapping of arrays named after the inputs (real inputs, given to the models as they are, in
@@ -128,6 +129,8 @@ def compare(
     sess_a = _session(model_a, providers, threads, spinning=False)
     sess_b = _session(model_b, providers, threads, spinning=False)
     _check_signatures(sess_a, sess_b)
+    if isinstance(data, runtime.InputPlan):
+        plan, data = data, "random"
     real = _real_inputs(data, sess_a)
     notes: tuple[str, ...] = ()
     acc = _Accumulator(sess_a)
@@ -172,7 +175,8 @@ def compare(
         lat_runs = [(step, plan.feeds(seed=12345))] if latency_batches else []
     else:
         wanted = sorted(set(int(b) for b in latency_batches))
-        kept = [b for b in wanted if b <= plan.batch or plan.batch >= batch]
+        # a batch the model failed at, or whose inputs exceed the memory budget, is not timed
+        kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= runtime.INPUT_BUDGET]
         if kept != wanted:
             notes += (f"latency measured at batch {', '.join(map(str, kept)) or 'none'} only: the inputs use "
                       f"batch {plan.batch}",)
