@@ -368,14 +368,17 @@ def _probe(sess: ort.InferenceSession, plan: InputPlan, free: list[tuple[int, in
                                  + ("" if batch != plan.batch else f" ({first_error})"))
                 return dataclasses.replace(candidate, notes=plan.notes + tuple(notes),
                                            batch_limited=plan.batch_limited or batch != plan.batch)
-    raise OnnxdnsError(f"the input model fails on random inputs ({plan.describe()}): {first_error}; "
+    also = "; at batch 1 too" if len(batches) > 1 else ""
+    raise OnnxdnsError(f"the input model fails on random inputs ({plan.describe()}{also}): {first_error}; "
                        f"give real inputs with --data FILE.npz")
 
 
 def _try_run(sess: ort.InferenceSession, plan: InputPlan) -> str | None:
     """None when ``sess`` runs on one batch of ``plan``'s inputs, else onnxruntime's message."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure is reported by the caller, or a fallback works
     try:
-        sess.run(None, plan.feeds(0))
+        sess.run(None, plan.feeds(0), quiet)
     except Exception as e:  # onnxruntime's own exception types
         return ort_message(e)
     return None
