@@ -184,11 +184,13 @@ def plan_inputs(model: onnx.ModelProto | ort.InferenceSession | str | os.PathLik
       batch axis of a recurrent state laid out [layers, N, hidden]) and any dimension whose name
       contains "batch" or that shares its name with one.
     * The model's own hints come next (graph nodes that read the input directly): a Conv fixes
-      the channel dimension to its weight's input channels x group, a MatMul or Gemm with a
+      the channel dimension to its weight's input channels x group (a BatchNormalization to its
+      scale's size), a MatMul or Gemm with a
       constant weight fixes the contracted dimension, an Add/Sub/Mul/Div with a constant fixes
       the dimensions the constant does not broadcast, a Gather with a constant table bounds
       integer indices to the table's size, and an Equal with a constant scalar gives the value
-      (a speech model's ``sr == 16000`` selects its 16 kHz branch).
+      (a speech model's ``sr == 16000`` selects its 16 kHz branch; the input may reach the
+      Equal through Reshape, Squeeze, Unsqueeze, Flatten, Cast, Gather or Identity).
     * Remaining dynamic dimensions (height, width, sequence length) get ``FREE_SIZE`` = 64: a
       multiple of 32, which detectors with stride-32 feature maps need (the PP-OCRv4 text
       detector fails at 40), and larger than 32, because a net that downsamples by 32 has one
@@ -297,11 +299,24 @@ def _graph_hints(proto: onnx.ModelProto | None) -> dict[str, dict[str, Any]]:
         if size > 0:
             hints.setdefault(name, {}).setdefault("dims", {}).setdefault(axis, int(size))
 
+    # values that carry a graph input's elements unchanged (a scalar reshaped, picked, cast)
+    origin = {name: name for name in inputs}
+    for n in g.node:
+        if n.op_type in _VALUE_PRESERVING and n.input and n.input[0] in origin:
+            origin.update((o, origin[n.input[0]]) for o in n.output)
+    for n in g.node:
+        if n.op_type == "Equal" and len(n.input) == 2:
+            for x, c in (list(n.input), list(n.input)[::-1]):
+                if x in origin and c in values and values[c].size == 1:
+                    hints.setdefault(origin[x], {}).setdefault("value", values[c].reshape(()).item())
+
     for n in g.node:
         ins = list(n.input)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "Conv" and len(ins) > 1 and ins[0] in inputs and ins[1] in shapes and len(shapes[ins[1]]) > 1:
             put(ins[0], 1, shapes[ins[1]][1] * int(attrs.get("group", 1)))
+        elif n.op_type in ("BatchNormalization", "InstanceNormalization") and ins[0] in inputs and ins[1] in shapes:
+            put(ins[0], 1, shapes[ins[1]][0] if shapes[ins[1]] else 0)
         elif n.op_type == "MatMul" and len(ins) == 2 and ins[0] in inputs and len(shapes.get(ins[1], ())) == 2:
             put(ins[0], -1, shapes[ins[1]][0])
         elif n.op_type == "Gemm" and ins[0] in inputs and len(shapes.get(ins[1], ())) == 2:
@@ -315,11 +330,10 @@ def _graph_hints(proto: onnx.ModelProto | None) -> dict[str, dict[str, Any]]:
         elif n.op_type == "Gather" and len(ins) == 2 and ins[1] in inputs and ins[0] in shapes and shapes[ins[0]]:
             axis = int(attrs.get("axis", 0))
             hints.setdefault(ins[1], {}).setdefault("high", int(shapes[ins[0]][axis]))
-        elif n.op_type == "Equal" and len(ins) == 2:
-            for x, c in (ins, ins[::-1]):
-                if x in inputs and c in values and values[c].size == 1:
-                    hints.setdefault(x, {}).setdefault("value", values[c].reshape(()).item())
     return hints
+
+
+_VALUE_PRESERVING = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Gather"}
 
 
 def _fit_budget(plan: InputPlan, budget: int) -> InputPlan:

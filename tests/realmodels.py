@@ -24,6 +24,8 @@ MODELS = {
     "ocr-cls": ("rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "ocr-rec": ("rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"),
     "silero-vad": ("silero-vad", "silero_vad", "data/silero_vad.onnx"),
+    "silero-vad-op15": ("silero-vad", "silero_vad", "data/silero_vad_16k_op15.onnx"),
+    "silero-vad-op18": ("silero-vad", "silero_vad", "data/silero_vad_op18_ifless.onnx"),
 }
 
 
