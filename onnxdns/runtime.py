@@ -94,6 +94,12 @@ _ORT_TYPES = {
 }
 
 
+def numpy_dtype(ort_type: str) -> np.dtype | None:
+    """The numpy dtype of an onnxruntime type string (``"tensor(int64)"``), None when unsupported."""
+    t = _ORT_TYPES.get(ort_type)
+    return None if t is None else np.dtype(t)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
     """How to make one graph input: its dtype, its dims (ints, or ``BATCH``) and its values."""

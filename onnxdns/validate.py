@@ -319,21 +319,22 @@ def measure_latency(
     check_effort(repeats=repeats, warmup=warmup)
     sessions = {label: _session(m, providers, threads, spinning=False) for label, m in models.items()}
     bound = {label: _bind(sess, feeds) for label, sess in sessions.items()}
-    for label, sess in sessions.items():  # warm-up, and a clear error when a model cannot run
-        for _ in range(max(warmup, 1)):
-            try:
-                sess.run(None, bound[label])
-            except Exception as e:  # onnxruntime's own exception types
-                shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in bound[label].items())
-                raise OnnxdnsError(f"model {label} fails in the latency measurement on inputs {shapes}: "
-                                   f"{runtime.ort_message(e)}") from None
     times: dict[str, list[float]] = {label: [] for label in sessions}
     order = list(sessions)
-    for r in range(repeats):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            sessions[label].run(None, bound[label])
-            times[label].append((time.perf_counter() - t0) * 1e3)
+    label = order[0] if order else ""
+    try:
+        for _ in range(warmup):
+            for label, sess in sessions.items():
+                sess.run(None, bound[label])
+        for r in range(repeats):
+            for label in (order if r % 2 == 0 else order[::-1]):
+                t0 = time.perf_counter()
+                sessions[label].run(None, bound[label])
+                times[label].append((time.perf_counter() - t0) * 1e3)
+    except Exception as e:  # onnxruntime's own exception types
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in bound[label].items())
+        raise OnnxdnsError(f"model {label} fails in the latency measurement on inputs {shapes}: "
+                           f"{runtime.ort_message(e)}") from None
     return {label: Latency(statistics.median(t), min(t), repeats) for label, t in times.items()}
 
 
@@ -427,8 +428,8 @@ def check_inputs(model: ModelLike, feeds: Mapping[str, np.ndarray], origin: str 
                            + (f"; unknown {', '.join(extra)}" if extra else ""))
     for inp in inputs:
         arr = feeds[inp.name]
-        want = np.dtype(runtime._ORT_TYPES.get(inp.type, np.float32))
-        if arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
+        want = runtime.numpy_dtype(inp.type)
+        if want is not None and arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
             raise OnnxdnsError(f"{origin}: array {inp.name} is {arr.dtype}, the model input is {inp.type}")
         shape = list(inp.shape)
         fits = arr.ndim == len(shape) and all(not isinstance(d, int) or d <= 0 or d == n for d, n in zip(shape, arr.shape))
@@ -447,9 +448,8 @@ def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, 
     else:
         return None
     check_inputs(sess, feeds, name)
-    feeds = {k: v.astype(runtime._ORT_TYPES[i.type], copy=False)
-             for i in sess.get_inputs() for k, v in feeds.items() if k == i.name and i.type in runtime._ORT_TYPES}
-    return name, feeds
+    types = {i.name: runtime.numpy_dtype(i.type) for i in sess.get_inputs()}
+    return name, {k: v if types[k] is None else v.astype(types[k], copy=False) for k, v in feeds.items()}
 
 
 def _latency_images(dataset: Any, n: int) -> np.ndarray:
