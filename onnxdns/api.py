@@ -104,8 +104,13 @@ def optimize(
     ``EXACT_TOLERANCE`` x max(1, output scale), fp16 ones within ``FP16_TOLERANCE`` x the same;
     pipelines with other lossy passes get their differences reported. A failed validation is
     reported in the result (``result.ok`` is False); the output file is kept.
+
+    ``data`` is ``"random"`` (inputs that fit the model, see :func:`onnxdns.inputs.plan_inputs`),
+    a dataset name, or a ``.npz`` file of real inputs (one array per model input). The inputs are
+    decided, and the input model run on them, before anything is written: a model that cannot
+    run on them, or inputs over the memory budget, is an :class:`OnnxdnsError`.
     """
-    from onnxdns import runtime
+    from onnxdns.inputs import InputPlan
     from onnxdns.runtime import has_cuda
     from onnxdns.validate import DATA_CHOICES, check_effort, is_inputs_file
 
@@ -125,9 +130,9 @@ def optimize(
 
     model = modelio.load_model(src)
     before = model_stats(model, file_bytes=src.stat().st_size)
-    inputs = _validation_inputs(model, data, data_dir, download, samples, before.macs,
-                                numeric=validate and not (any(p.name == FP16_PASS for p in pipeline) and not has_cuda()))
-    if isinstance(inputs, runtime.InputPlan):
+    checked = _validation_inputs(model, data, data_dir, download, samples, before.macs,
+                                 numeric=validate and not (any(p.name == FP16_PASS for p in pipeline) and not has_cuda()))
+    if isinstance(checked, InputPlan):
         samples = _validation_effort(before.macs, "random", samples)["samples"]
 
     ir_model = modelio.to_ir(model)
@@ -153,7 +158,7 @@ def optimize(
     lossy = list(dict.fromkeys(p.name for p in pipeline if not getattr(p, "exact", False) and p.name != FP16_PASS))
     # Compared with the input file, untouched on disk (the in-memory proto shares buffers with the passes' model).
     validation = _validate_output(src, out, target=target, fp16=fp16, exact=exact, lossy=lossy,
-                                  numeric=validate, data=inputs, samples=samples,
+                                  numeric=validate, data=checked, samples=samples,
                                   macs=before.macs)
     return OptimizeResult(src, out, target, precision, tuple(runs), before, after, validation)
 
@@ -190,9 +195,9 @@ def slim(input_path: str | os.PathLike, output_path: str | os.PathLike, **option
 def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, download: bool, samples: int | None,
                        macs: int, numeric: bool) -> Any:
     """What optimize validates on, decided before anything is written: a dataset, real inputs
-    checked against the model, or an :class:`~onnxdns.runtime.InputPlan` of random inputs on
+    checked against the model, or an :class:`~onnxdns.inputs.InputPlan` of random inputs on
     which the input model runs (fallbacks noted); the unchanged ``data`` when not validating."""
-    from onnxdns import runtime
+    from onnxdns.inputs import plan_inputs
     from onnxdns.validate import check_image_input, check_inputs, is_inputs_file, load_data, read_inputs
 
     if not numeric:
@@ -205,7 +210,7 @@ def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, downloa
         check_image_input(model, data)
         return load_data(data, data_dir, download)
     effort = _validation_effort(macs, "random", samples)
-    return runtime.plan_inputs(model, batch=min(32, effort["samples"]), probe=True)
+    return plan_inputs(model, batch=min(32, effort["samples"]), probe=True)
 
 
 def _check_output_path(src: Path, out: Path) -> None:

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxdns import data as data_module
-from onnxdns import runtime
+from onnxdns import inputs, runtime
 from onnxdns.errors import OnnxdnsError
 
 #: Dataset names accepted by ``data=`` besides ``"random"``.
@@ -107,12 +107,12 @@ def compare(
     threads: int = 0,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    plan: runtime.InputPlan | None = None,
+    plan: inputs.InputPlan | None = None,
 ) -> Comparison:
     """Run ``model_a`` and ``model_b`` on the same inputs and compare them.
 
     ``data`` is ``"random"`` (random inputs that fit model A, see
-    :func:`onnxdns.runtime.plan_inputs`; ``plan``, or an ``InputPlan`` as ``data``, gives them
+    :func:`onnxdns.inputs.plan_inputs`; ``plan``, or an ``InputPlan`` as ``data``, gives them
     ready-made), a dataset name
     (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]), a
     loaded dataset (an object with ``.images`` and ``.labels``), the path of a ``.npz`` file or
@@ -129,7 +129,7 @@ def compare(
     sess_a = _session(model_a, providers, threads, spinning=False)
     sess_b = _session(model_b, providers, threads, spinning=False)
     _check_signatures(sess_a, sess_b)
-    if isinstance(data, runtime.InputPlan):
+    if isinstance(data, inputs.InputPlan):
         plan, data = data, "random"
     real = _real_inputs(data, sess_a)
     notes: tuple[str, ...] = ()
@@ -144,7 +144,7 @@ def compare(
         fixed_batch = _fixed_batch(sess_a)
         step = fixed_batch or batch
     if real is None and dataset is None:
-        plan = plan or runtime.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
+        plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
         notes = plan.notes
         step = plan.batch if plan.batch is not None else _samples_in(plan.feeds(0))
         n = samples or RANDOM_SAMPLES
@@ -176,7 +176,7 @@ def compare(
     else:
         wanted = sorted(set(int(b) for b in latency_batches))
         # a batch the model failed at, or whose inputs exceed the memory budget, is not timed
-        kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= runtime.INPUT_BUDGET]
+        kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= inputs.INPUT_BUDGET]
         if kept != wanted:
             notes += (f"latency measured at batch {', '.join(map(str, kept)) or 'none'} only: the inputs use "
                       f"batch {plan.batch}",)

@@ -1,4 +1,4 @@
-"""runtime.plan_inputs / input_feeds: random inputs that fit the model (dtype, rank, fixed and
+"""inputs.plan_inputs / input_feeds: random inputs that fit the model (dtype, rank, fixed and
 dynamic dimensions, the graph's own hints, memory budget, fallbacks), on tiny graphs run in
 onnxruntime and on trained models others made."""
 
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxdns import runtime
+from onnxdns import inputs, runtime
 from onnxdns.errors import OnnxdnsError
 from realmodels import model_path
 
@@ -52,10 +52,10 @@ def test_dtypes_ranges_and_shared_dimension_names():
     feeds = runtime.input_feeds(m, batch=3, seed=1)
     assert feeds["tokens"].dtype == np.int64 and feeds["mask"].dtype == np.bool_ and feeds["scale"].dtype == np.float16
     # N is the batch everywhere; S, shared by tokens and mask, has one size
-    assert feeds["tokens"].shape == feeds["mask"].shape == (3, runtime.FREE_SIZE)
+    assert feeds["tokens"].shape == feeds["mask"].shape == (3, inputs.FREE_SIZE)
     assert feeds["scale"].shape == (3, 8)
     # token ids index the 50-row table (the Gather hint), and use more than the default range
-    assert feeds["tokens"].min() >= 0 and feeds["tokens"].max() < 50 and feeds["tokens"].max() >= runtime.INT_HIGH
+    assert feeds["tokens"].min() >= 0 and feeds["tokens"].max() < 50 and feeds["tokens"].max() >= inputs.INT_HIGH
     assert feeds["mask"].any() and not feeds["mask"].all()
     runtime.run(m, feeds)  # the model runs on them
     np.testing.assert_array_equal(runtime.input_feeds(m, batch=3, seed=1)["tokens"], feeds["tokens"])
@@ -84,7 +84,7 @@ def test_symbolic_channel_dimension_comes_from_batchnorm():
     params = [numpy_helper.from_array(np.ones(c, np.float32), n) for n in ("s", "b", "m", "v")]
     m = make([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])],
              [vi("x", TensorProto.FLOAT, ["N", "C", "H", "W"])], [vi("y", TensorProto.FLOAT, ["N", "C", "H", "W"])], params)
-    assert runtime.plan_inputs(m, batch=2, probe=True).shapes() == {"x": (2, c, 64, 64)}
+    assert inputs.plan_inputs(m, batch=2, probe=True).shapes() == {"x": (2, c, 64, 64)}
 
 
 def test_contracted_and_broadcast_dimensions_come_from_constants():
@@ -94,8 +94,8 @@ def test_contracted_and_broadcast_dimensions_come_from_constants():
              [vi("x", TensorProto.FLOAT, ["N", "K"]), vi("z", TensorProto.FLOAT, ["N", "R", "Q"])],
              [vi("h", TensorProto.FLOAT, ["N", 5]), vi("y2", TensorProto.FLOAT, ["N", 7, "Q"])],
              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "bias")])
-    plan = runtime.plan_inputs(m, batch=2)
-    assert plan.shapes() == {"x": (2, 12), "z": (2, 7, runtime.FREE_SIZE)}
+    plan = inputs.plan_inputs(m, batch=2)
+    assert plan.shapes() == {"x": (2, 12), "z": (2, 7, inputs.FREE_SIZE)}
 
 
 def test_recurrent_state_batch_axis_and_equal_constant_value():
@@ -114,7 +114,7 @@ def test_recurrent_state_batch_axis_and_equal_constant_value():
              [vi("out", TensorProto.FLOAT, [None, 1]), vi("state_n", TensorProto.FLOAT, [2, None, 16])],
              [numpy_helper.from_array(np.array(16000, np.int64), "sr16k")], opset=17)
     feeds = runtime.input_feeds(m, batch=4)
-    assert feeds["audio"].shape == (4, runtime.FREE_SIZE) and feeds["state"].shape == (2, 4, 16)
+    assert feeds["audio"].shape == (4, inputs.FREE_SIZE) and feeds["state"].shape == (2, 4, 16)
     assert feeds["sr"].shape == () and int(feeds["sr"]) == 16000
     out, _ = runtime.run(m, feeds)
     assert np.all(out != 0)  # the gate is open: sr selected the 16 kHz branch
@@ -129,11 +129,11 @@ def batch_one_model() -> onnx.ModelProto:
 
 
 def test_probe_falls_back_to_batch_1_and_says_so(capfd):
-    plan = runtime.plan_inputs(batch_one_model(), batch=32, probe=True)
+    plan = inputs.plan_inputs(batch_one_model(), batch=32, probe=True)
     assert capfd.readouterr().err == ""  # onnxruntime's own error log is silenced while probing
     assert plan.batch == 1 and plan.batch_limited
     assert len(plan.notes) == 1 and "fails at batch 32" in plan.notes[0] and "Reshape" in plan.notes[0]
-    assert runtime.plan_inputs(batch_one_model(), batch=32).batch == 32  # no probe: as asked
+    assert inputs.plan_inputs(batch_one_model(), batch=32).batch == 32  # no probe: as asked
 
 
 def test_probe_tries_larger_free_sizes():
@@ -142,7 +142,7 @@ def test_probe_tries_larger_free_sizes():
     m = make([helper.make_node("Reshape", ["x", "shape"], ["y"])],
              [vi("x", TensorProto.FLOAT, ["N", "T"])], [vi("y", TensorProto.FLOAT, ["N", 2, 128])],
              [numpy_helper.from_array(np.array([-1, 2, 128], np.int64), "shape")])
-    plan = runtime.plan_inputs(m, batch=1, probe=True)
+    plan = inputs.plan_inputs(m, batch=1, probe=True)
     assert plan.shapes() == {"x": (1, 256)}
     assert any("= 64; they are 256" in n for n in plan.notes)
 
@@ -152,7 +152,7 @@ def test_input_model_that_fails_on_every_try_is_a_clear_error():
              [vi("x", TensorProto.FLOAT, ["N", 3])], [vi("y", TensorProto.FLOAT, [2, 2])],
              [numpy_helper.from_array(np.array([2, 2], np.int64), "shape")])
     with pytest.raises(OnnxdnsError) as e:
-        runtime.plan_inputs(m, batch=8, probe=True)
+        inputs.plan_inputs(m, batch=8, probe=True)
     text = str(e.value)
     assert text.startswith("the input model fails on random inputs (x float32 [8, 3]; at batch 1 too)")
     assert "Reshape" in text and "--data FILE.npz" in text and "..." not in text
@@ -163,13 +163,13 @@ def test_inputs_over_the_memory_budget_are_refused_before_allocating(shape):
     m = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, shape)],
              [vi("y", TensorProto.FLOAT, shape)])
     with pytest.raises(OnnxdnsError, match=r"would need .* GiB for one sample .* budget"):
-        runtime.plan_inputs(m, batch=32, probe=True)
+        inputs.plan_inputs(m, batch=32, probe=True)
 
 
 def test_batch_is_reduced_to_fit_the_budget():
     m = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, ["N", 1000])],
              [vi("y", TensorProto.FLOAT, ["N", 1000])])
-    plan = runtime.plan_inputs(m, batch=32, budget=10 * 4000)
+    plan = inputs.plan_inputs(m, batch=32, budget=10 * 4000)
     assert plan.batch == 10 and plan.batch_limited and "batch 10 fits" in plan.notes[0]
 
 
@@ -209,7 +209,7 @@ def yolo_like() -> onnx.ModelProto:
 @pytest.mark.parametrize("name", ["ocr-det", "ocr-cls", "ocr-rec"])
 def test_ocr_models_run_on_their_planned_inputs(name):
     """Dynamic H/W: 64x64 runs on all three (the recognizer is killed by SIGFPE at H <= 32)."""
-    plan = runtime.plan_inputs(str(model_path(name)), batch=2, probe=True)
+    plan = inputs.plan_inputs(str(model_path(name)), batch=2, probe=True)
     assert plan.shapes() == {"x": (2, 3, 64, 64)} and plan.notes == ()
 
 
@@ -218,10 +218,10 @@ def test_silero_vad_plan(name, sr):
     """Audio [?, ?], state [2, ?, 128], sr int64 scalar: sr = 16000 from the graph, the state's
     unnamed axis 1 follows the batch, the chunk length is found by probing (64 fails). The 16 kHz
     only export (op15) multiplies sr by a constant instead of comparing it: no value hint."""
-    plan = runtime.plan_inputs(str(model_path(name)), batch=4, probe=True)
+    plan = inputs.plan_inputs(str(model_path(name)), batch=4, probe=True)
     shapes = plan.shapes()
     assert shapes["state"] == (2, 4, 128) and shapes["sr"] == () and shapes["input"][0] == 4
-    assert shapes["input"][1] in runtime.FREE_SIZES[1:]
+    assert shapes["input"][1] in inputs.FREE_SIZES[1:]
     if sr is not None:
         assert int(plan.feeds()["sr"]) == sr
     assert plan.batch == 4 and not plan.batch_limited
