@@ -131,56 +131,21 @@ def compare(
     _check_signatures(sess_a, sess_b)
     if isinstance(data, inputs.InputPlan):
         plan, data = data, "random"
+    acc = _Accumulator(sess_a, sess_b)
     real = _real_inputs(data, sess_a)
-    notes: tuple[str, ...] = ()
-    acc = _Accumulator(sess_a)
     if real is not None:
         data_name, feeds = real
-        dataset, fixed_batch = None, None
-        acc.add(_run_a(sess_a, feeds, "the given inputs"), _run(sess_b, feeds), _samples_in(feeds))
-        step = acc.samples
+        acc.add(feeds, "the given inputs", _samples_in(feeds))
+        step, notes = acc.samples, ()
+        lat_runs: list[tuple[int, Any]] = [(step, feeds)] if latency_batches else []
     else:
         dataset, data_name = _resolve_data(data, data_dir, download, (sess_a, sess_b))
-        fixed_batch = _fixed_batch(sess_a)
-        step = fixed_batch or batch
-    if real is None and dataset is None:
-        plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
-        notes = plan.notes
-        step = plan.batch if plan.batch is not None else _samples_in(plan.feeds(0))
-        n = samples or RANDOM_SAMPLES
-        for i in range(0, n, step):
-            size = min(step, n - i) if plan.batch is not None else None
-            feeds = plan.feeds(seed=i, batch=size)
-            acc.add(_run_a(sess_a, feeds, plan.describe(size)), _run(sess_b, feeds), _samples_in(feeds, size))
-    elif dataset is not None:
-        images = np.asarray(dataset.images, dtype=np.float32)
-        n = min(samples or len(images), len(images))
-        images = images[:n]
-        labels = np.asarray(dataset.labels)[:n]
-        for i in range(0, n, step):
-            chunk = images[i:i + step]
-            count = len(chunk)
-            if fixed_batch is not None and count < step:
-                chunk = np.concatenate([chunk, np.zeros((step - count, *IMAGE_SHAPE), np.float32)])
-            out_a = [o[:count] for o in _run_a(sess_a, [chunk], f"{data_name} images")]
-            out_b = [o[:count] for o in _run(sess_b, [chunk])]
-            acc.add(out_a, out_b, count, labels[i:i + count])
-
+        if dataset is None:
+            plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
+            step, notes, lat_runs = _compare_random(acc, plan, samples or RANDOM_SAMPLES, latency_batches)
+        else:
+            step, notes, lat_runs = _compare_images(acc, dataset, data_name, samples, batch, latency_batches)
     rows = []
-    if real is not None:
-        lat_runs: list[tuple[int, Any]] = [(step, feeds)] if latency_batches else []
-    elif dataset is not None:
-        lat_runs = [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
-    elif plan.batch is None:  # fixed shapes: one latency row at the model's own size
-        lat_runs = [(step, plan.feeds(seed=12345))] if latency_batches else []
-    else:
-        wanted = sorted(set(int(b) for b in latency_batches))
-        # a batch the model failed at, or whose inputs exceed the memory budget, is not timed
-        kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= inputs.INPUT_BUDGET]
-        if kept != wanted:
-            notes += (f"latency measured at batch {', '.join(map(str, kept)) or 'none'} only: the inputs use "
-                      f"batch {plan.batch}",)
-        lat_runs = [(lb, plan.feeds(seed=12345, batch=lb)) for lb in kept]
     for lb, lat_feeds in lat_runs:
         lat = measure_latency({"a": sess_a, "b": sess_b}, lat_feeds, repeats=repeats, warmup=warmup)
         rows.append(LatencyRow(lb, lat["a"], lat["b"]))
@@ -203,6 +168,45 @@ def compare(
     )
 
 
+LatencyRuns = list[tuple[int, Any]]
+
+
+def _compare_random(acc: _Accumulator, plan: inputs.InputPlan, n: int,
+                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
+    """Compare on ``n`` random samples made by ``plan``: (batch size, notes, latency runs)."""
+    step = plan.batch if plan.batch is not None else _samples_in(plan.feeds(0))
+    for i in range(0, n, step):
+        size = min(step, n - i) if plan.batch is not None else None
+        acc.add(plan.feeds(seed=i, batch=size), plan.describe(size), size or step)
+    notes = plan.notes
+    if plan.batch is None:  # fixed shapes: one latency row at the model's own size
+        return step, notes, [(step, plan.feeds(seed=12345))] if latency_batches else []
+    wanted = sorted(set(int(b) for b in latency_batches))
+    # a batch the model failed at, or whose inputs exceed the memory budget, is not timed
+    kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= inputs.INPUT_BUDGET]
+    if kept != wanted:
+        notes += (f"latency measured at batch {', '.join(map(str, kept)) or 'none'} only: the inputs use "
+                  f"batch {plan.batch}",)
+    return step, notes, [(lb, plan.feeds(seed=12345, batch=lb)) for lb in kept]
+
+
+def _compare_images(acc: _Accumulator, dataset: Any, name: str, samples: int | None, batch: int,
+                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
+    """Compare on a dataset's images (a fixed-batch model gets its last batch zero-padded)."""
+    fixed_batch = _fixed_batch(acc.sess_a)
+    step = fixed_batch or batch
+    images = np.asarray(dataset.images, dtype=np.float32)
+    n = min(samples or len(images), len(images))
+    images, labels = images[:n], np.asarray(dataset.labels)[:n]
+    for i in range(0, n, step):
+        chunk = images[i:i + step]
+        count = len(chunk)
+        if fixed_batch is not None and count < step:
+            chunk = np.concatenate([chunk, np.zeros((step - count, *IMAGE_SHAPE), np.float32)])
+        acc.add([chunk], f"{name} images", count, labels[i:i + count])
+    return step, (), [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
+
+
 #: Largest ``samples`` and ``repeats`` accepted (beyond them a run takes hours, not a validation).
 MAX_SAMPLES = 10**6
 MAX_REPEATS = 10**4
@@ -220,10 +224,12 @@ def check_effort(*, batch: int = 1, samples: int | None = None, repeats: int = 1
 
 
 class _Accumulator:
-    """Differences, output scale, top-1 agreement and accuracy, accumulated run by run."""
+    """Runs both models and accumulates differences, output scale, top-1 agreement and accuracy,
+    run by run (nothing is concatenated: memory stays one run's outputs)."""
 
-    def __init__(self, sess: ort.InferenceSession):
-        self.names = [o.name for o in sess.get_outputs()]
+    def __init__(self, sess_a: ort.InferenceSession, sess_b: ort.InferenceSession):
+        self.sess_a, self.sess_b = sess_a, sess_b
+        self.names = [o.name for o in sess_a.get_outputs()]
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.count = 0
@@ -236,7 +242,14 @@ class _Accumulator:
         self.correct_a = 0
         self.correct_b = 0
 
-    def add(self, a: list[np.ndarray], b: list[np.ndarray], samples: int, labels: np.ndarray | None = None) -> None:
+    def add(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray], what: str, samples: int,
+            labels: np.ndarray | None = None) -> None:
+        """Run both models on ``feeds`` (``what`` names them in errors); the first ``samples``
+        rows count (the rest is padding)."""
+        a = _run_a(self.sess_a, feeds, what)
+        b = _run(self.sess_b, feeds)
+        if labels is not None:  # dataset images: drop the padding of a fixed batch
+            a, b = [o[:samples] for o in a], [o[:samples] for o in b]
         for name, x, y in zip(self.names, a, b):
             x, y = np.asarray(x), np.asarray(y)
             if x.shape != y.shape:
