@@ -84,6 +84,8 @@ class Comparison:
     latency: tuple[LatencyRow, ...]
     #: How the inputs were chosen when it was not the obvious way (fallbacks), one sentence each.
     notes: tuple[str, ...] = ()
+    #: The random inputs of one run (``name dtype [shape], ...``); empty for other data.
+    inputs: str = ""
 
     def within(self, tolerance: float) -> bool:
         """True when ``max_abs_diff <= tolerance * max(1, output_scale)`` (NaN never is)."""
@@ -133,6 +135,7 @@ def compare(
         plan, data = data, "random"
     acc = _Accumulator(sess_a, sess_b)
     real = _real_inputs(data, sess_a)
+    dataset = None
     if real is not None:
         data_name, feeds = real
         acc.add(feeds, "the given inputs", _samples_in(feeds))
@@ -165,6 +168,7 @@ def compare(
         accuracy_b=acc.accuracy(acc.correct_b),
         latency=tuple(rows),
         notes=notes,
+        inputs=plan.describe() if plan is not None and real is None and dataset is None else "",
     )
 
 

@@ -3,6 +3,9 @@ dynamic spatial or sequence dimensions, real inputs from .npz, trained models ot
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from onnxdns import inputs
 from onnxdns.cli import main
 from realmodels import model_path
 from test_runtime import batch_one_model, make, multi_input_model, vi, yolo_like
@@ -53,6 +57,7 @@ def test_yolo_like_detector_with_dynamic_height_and_width(tmp_path, capsys):
     code, stdout, err = run(capsys, "optimize", src, "-o", out, "--samples", "8")
     assert code == 0, err
     assert "validation: passed" in stdout and "batch 1 " in stdout and "batch 32" in stdout
+    assert "inputs          images float32 [8, 3, 64, 64]" in stdout
 
 
 def test_model_that_runs_only_at_batch_1(tmp_path, capsys):
@@ -138,3 +143,15 @@ def test_validate_trained_speech_model(tmp_path, capsys):
     code, stdout, err = run(capsys, "validate", src, src, *FAST_VALIDATE)
     assert code == 0, err
     assert "max abs diff    0 " in stdout and "they are" in stdout
+
+
+def test_recognizer_sigfpe_is_why_free_dims_start_at_64():
+    """The PP-OCRv4 recognizer is killed by SIGFPE at height 32 (uncatchable, so validation must
+    never feed it); at 64, the size plan_inputs gives, it runs. In a child process."""
+    code = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], "
+            "providers=['CPUExecutionProvider']); s.run(None, {'x': np.zeros((1, 3, int(sys.argv[2]), 64), np.float32)})")
+    path = str(model_path("ocr-rec"))
+    crashed = subprocess.run([sys.executable, "-c", code, path, "32"], capture_output=True)
+    assert crashed.returncode == -signal.SIGFPE, crashed.stderr[-500:]
+    ran = subprocess.run([sys.executable, "-c", code, path, str(inputs.FREE_SIZE)], capture_output=True)
+    assert ran.returncode == 0, ran.stderr[-500:]
