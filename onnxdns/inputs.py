@@ -106,17 +106,17 @@ def plan_inputs(model: onnx.ModelProto | ort.InferenceSession | str | os.PathLik
     * dtype: float inputs get standard-normal values (float16 and double too), integer inputs
       values in ``[0, INT_HIGH)`` (token ids, class indices), bool inputs fair coin flips.
     * Fixed dimensions are kept. Dynamic dimensions that share a name get one size, across inputs.
-    * Batch dimensions get ``batch``: an input's first dynamic dimension (the usual N, or the
-      batch axis of a recurrent state laid out [layers, N, hidden]) and any dimension whose name
-      contains "batch" or that shares its name with one.
-    * The model's own hints come next (graph nodes that read the input directly): a Conv fixes
-      the channel dimension to its weight's input channels x group (a BatchNormalization to its
-      scale's size), a MatMul or Gemm with a
-      constant weight fixes the contracted dimension, an Add/Sub/Mul/Div with a constant fixes
-      the dimensions the constant does not broadcast, a Gather with a constant table bounds
-      integer indices to the table's size, and an Equal with a constant scalar gives the value
-      (a speech model's ``sr == 16000`` selects its 16 kHz branch; the input may reach the
-      Equal through Reshape, Squeeze, Unsqueeze, Flatten, Cast, Gather or Identity).
+    * The model's own hints (graph nodes that read the input directly): a Conv fixes the
+      channel dimension to its weight's input channels x group (a BatchNormalization to its
+      scale's size), a MatMul or Gemm with a constant weight fixes the contracted dimension, an
+      Add/Sub/Mul/Div with a constant fixes the dimensions the constant does not broadcast, a
+      Gather with a constant table bounds integer indices to the table's size, and an Equal
+      with a constant scalar gives the value (a speech model's ``sr == 16000`` selects its
+      16 kHz branch; the input may reach the Equal through Reshape, Squeeze, Unsqueeze,
+      Flatten, Cast, Gather or Identity).
+    * Batch dimensions get ``batch``: an input's first dynamic dimension that no hint fixes (the
+      usual N, or the batch axis of a recurrent state laid out [layers, N, hidden]) and any
+      dimension whose name contains "batch" or that shares its name with one.
     * Remaining dynamic dimensions (height, width, sequence length) get ``FREE_SIZE`` = 64: a
       multiple of 32, which detectors with stride-32 feature maps need (the PP-OCRv4 text
       detector fails at 40), and larger than 32, because a net that downsamples by 32 has one
@@ -254,8 +254,9 @@ def _graph_hints(proto: onnx.ModelProto | None) -> dict[str, dict[str, Any]]:
                         if size > 1:
                             put(x, -1 - k, size)
         elif n.op_type == "Gather" and len(ins) == 2 and ins[1] in inputs and ins[0] in shapes and shapes[ins[0]]:
-            axis = int(attrs.get("axis", 0))
-            hints.setdefault(ins[1], {}).setdefault("high", int(shapes[ins[0]][axis]))
+            table, axis = shapes[ins[0]], int(attrs.get("axis", 0))
+            if -len(table) <= axis < len(table) and table[axis] > 0:
+                hints.setdefault(ins[1], {}).setdefault("high", int(table[axis]))
     return hints
 
 
