@@ -108,8 +108,15 @@ def optimize(
     pipelines with other lossy passes get their differences reported. With ``validate=False``
     the output is still checked: onnx's structure checks and an onnxruntime session. A failed
     validation is reported in the result (``result.ok`` is False); the output file is kept.
+
+    ``data`` is ``"random"`` (inputs that fit the model, see :func:`onnxdns.inputs.plan_inputs`),
+    a dataset name, or a ``.npz`` file of real inputs (one array per model input). The inputs are
+    decided, and the input model run on them, before anything is written: a model that cannot
+    run on them, or inputs over the memory budget, is an :class:`OnnxdnsError`.
     """
-    from onnxdns.validate import DATA_CHOICES, check_image_input, load_data
+    from onnxdns.inputs import InputPlan
+    from onnxdns.runtime import has_cuda
+    from onnxdns.validate import DATA_CHOICES, check_effort, is_inputs_file
 
     src, out = Path(input_path), Path(output_path)
     _check_output_path(src, out)
@@ -120,15 +127,17 @@ def optimize(
         pipeline = pipelines.custom_pipeline(list(passes), target, **(pass_options or {}))
         if precision == "fp16" and FP16_PASS not in passes:
             raise OnnxdnsError(f"--precision fp16 with --passes needs '{FP16_PASS}' in the pass list")
-    if data not in DATA_CHOICES:
-        raise OnnxdnsError(f"unknown data '{data}'; choose one of: {', '.join(DATA_CHOICES)}")
+    if data not in DATA_CHOICES and not is_inputs_file(data):
+        raise OnnxdnsError(f"unknown data '{data}'; choose one of: {', '.join(DATA_CHOICES)}, or FILE.npz")
+    if validate:
+        check_effort(samples=samples)
 
     model = modelio.load_model(src)
-    dataset = None
-    if validate and data != "random":  # fail on data problems before doing any work
-        check_image_input(model, data)
-        dataset = load_data(data, data_dir, download)
     before = model_stats(model, file_bytes=src.stat().st_size)
+    checked = _validation_inputs(model, data, data_dir, download, samples, before.macs,
+                                 numeric=validate and not (any(p.name == FP16_PASS for p in pipeline) and not has_cuda()))
+    if isinstance(checked, InputPlan):
+        samples = _validation_effort(before.macs, "random", samples)["samples"]
 
     ir_model = modelio.to_ir(model)
     runs = []
@@ -153,7 +162,7 @@ def optimize(
     lossy = list(dict.fromkeys(p.name for p in pipeline if not getattr(p, "exact", False) and p.name != FP16_PASS))
     # Compared with the input file, untouched on disk (the in-memory proto shares buffers with the passes' model).
     validation = _validate_output(src, out, target=target, fp16=fp16, exact=exact, lossy=lossy,
-                                  numeric=validate, data=dataset if dataset is not None else data, samples=samples,
+                                  numeric=validate, data=checked, samples=samples,
                                   macs=before.macs)
     return OptimizeResult(src, out, target, precision, tuple(runs), before, after, validation)
 
@@ -185,6 +194,27 @@ def slim(input_path: str | os.PathLike, output_path: str | os.PathLike, **option
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, download: bool, samples: int | None,
+                       macs: int, numeric: bool) -> Any:
+    """What optimize validates on, decided before anything is written: a dataset, real inputs
+    checked against the model, or an :class:`~onnxdns.inputs.InputPlan` of random inputs on
+    which the input model runs (fallbacks noted); the unchanged ``data`` when not validating."""
+    from onnxdns.inputs import plan_inputs
+    from onnxdns.validate import check_image_input, check_inputs, is_inputs_file, load_data, read_inputs
+
+    if not numeric:
+        return data
+    if is_inputs_file(data):
+        feeds = read_inputs(data)
+        check_inputs(model, feeds, os.path.basename(os.fspath(data)))
+        return data
+    if data != "random":
+        check_image_input(model, data)
+        return load_data(data, data_dir, download)
+    effort = _validation_effort(macs, "random", samples)
+    return plan_inputs(model, batch=min(32, effort["samples"]), probe=True)
 
 
 def _check_output_path(src: Path, out: Path) -> None:

@@ -46,6 +46,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _data_choice(text: str) -> str:
+    """--data: a dataset name, ``random``, or a ``.npz`` file of real inputs."""
+    if text in DATA_CHOICES or text.endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(DATA_CHOICES)}, or FILE.npz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -72,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--passes", metavar="A,B,...", help="comma-separated pass names instead of the target pipeline")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison with the input")
-    p.add_argument("--data", choices=DATA_CHOICES, default="random", help="validation inputs (default: random)")
+    p.add_argument("--data", type=_data_choice, default="random", metavar="DATA",
+                   help=f"validation inputs: {', '.join(DATA_CHOICES)} or FILE.npz (one array per model input, "
+                        f"named after it; default: random)")
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--samples", type=_positive_int, help="number of validation samples")
@@ -88,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Output differences, top-1 agreement, accuracy and latency of A and B side by side.")
     p.add_argument("model_a", type=Path, metavar="A.onnx")
     p.add_argument("model_b", type=Path, metavar="B.onnx")
-    p.add_argument("--data", choices=DATA_CHOICES, default="random")
+    p.add_argument("--data", type=_data_choice, default="random", metavar="DATA",
+                   help=f"inputs: {', '.join(DATA_CHOICES)} or FILE.npz (one array per model input, named after it)")
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--batch", type=_positive_int, default=32)

@@ -144,6 +144,8 @@ def comparison(cmp: Any, names: tuple[str, str] = ("A", "B")) -> str:
         f"max abs diff    {cmp.max_abs_diff:.3g} (relative to output scale {cmp.output_scale:.3g}: {cmp.max_rel_diff:.3g})",
         f"mean abs diff   {cmp.mean_abs_diff:.3g}",
     ]
+    lines[1:1] = ([f"inputs          {cmp.inputs}"] if getattr(cmp, "inputs", "") else []) + [
+        f"note            {note}" for note in getattr(cmp, "notes", ())]
     if cmp.top1_agreement is not None:
         lines.append(f"top-1 agreement {percent(cmp.top1_agreement)}")
     if cmp.accuracy_a is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -70,29 +70,36 @@ def run(model, feeds: Mapping[str, np.ndarray], **session_kwargs) -> list[np.nda
     return sess.run(None, dict(feeds))
 
 
-def input_feeds(model: onnx.ModelProto | ort.InferenceSession, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input (symbolic dimensions become ``batch``)."""
-    sess = model if isinstance(model, ort.InferenceSession) else make_session(model)
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in inp.shape]
-        dtype = _ORT_TYPES.get(inp.type)
-        if dtype is None:
-            raise OnnxdnsError(f"input {inp.name}: cannot make data of type {inp.type}")
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[inp.name] = rng.integers(0, 10, size=shape).astype(dtype)
-    return feeds
-
-
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+
+def numpy_dtype(ort_type: str) -> np.dtype | None:
+    """The numpy dtype of an onnxruntime type string (``"tensor(int64)"``), None when unsupported."""
+    t = _ORT_TYPES.get(ort_type)
+    return None if t is None else np.dtype(t)
+
+
+def input_feeds(model: onnx.ModelProto | ort.InferenceSession, batch: int = 1, seed: int = 0, *,
+                plan: Any = None) -> dict[str, np.ndarray]:
+    """Random feeds for every graph input, shaped as :func:`onnxdns.inputs.plan_inputs` decides
+    (batch dimensions become ``batch``; other dynamic dimensions get a size the model's hints
+    allow); ``plan`` (an :class:`onnxdns.inputs.InputPlan`) gives them ready-made."""
+    from onnxdns.inputs import plan_inputs
+
+    plan = plan or plan_inputs(model, batch=batch)
+    return plan.feeds(seed, batch=batch if plan.has_batch else None)
+
+
+def ort_message(e: BaseException) -> str:
+    """onnxruntime's whole message on one line (its messages name the node and the shapes)."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxdns import data as data_module
-from onnxdns import runtime
+from onnxdns import inputs, runtime
 from onnxdns.runtime import ort  # imported on first use: onnxdns[cpu], [cuda] or [train]
 from onnxdns.errors import OnnxdnsError
 
@@ -82,6 +82,10 @@ class Comparison:
     accuracy_a: float | None
     accuracy_b: float | None
     latency: tuple[LatencyRow, ...]
+    #: How the inputs were chosen when it was not the obvious way (fallbacks), one sentence each.
+    notes: tuple[str, ...] = ()
+    #: The random inputs of one run (``name dtype [shape], ...``); empty for other data.
+    inputs: str = ""
 
     def within(self, tolerance: float) -> bool:
         """True when ``max_abs_diff <= tolerance * max(1, output_scale)`` (NaN never is)."""
@@ -105,107 +109,206 @@ def compare(
     threads: int = 0,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
+    plan: inputs.InputPlan | None = None,
 ) -> Comparison:
     """Run ``model_a`` and ``model_b`` on the same inputs and compare them.
 
-    ``data`` is ``"random"`` (standard-normal inputs for every graph input), a dataset name
-    (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]) or a
-    loaded dataset (an object with ``.images`` and ``.labels``). ``samples`` limits the number of
-    inputs (default: the whole test split, or 256 random ones). ``latency_batches=()`` skips
+    ``data`` is ``"random"`` (random inputs that fit model A, see
+    :func:`onnxdns.inputs.plan_inputs`; ``plan``, or an ``InputPlan`` as ``data``, gives them
+    ready-made), a dataset name
+    (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]), a
+    loaded dataset (an object with ``.images`` and ``.labels``), the path of a ``.npz`` file or
+    a mapping of arrays named after the inputs (real inputs, given to the models as they are, in
+    one run; see :func:`read_inputs`). ``samples`` limits the number of inputs (default: the
+    whole test split, or 256 random ones; at most ``MAX_SAMPLES``). ``latency_batches=()`` skips
     the latency measurement. ``data_dir`` and ``download`` go to :func:`onnxdns.data.load_dataset`.
+
+    Model A is taken as the reference: when it fails on the inputs, the error says so. Outputs
+    are compared run by run (shapes and dtypes first); NaN at the same position in both models
+    counts as equal, NaN in one only as an infinite difference.
     """
-    if batch < 1:
-        raise OnnxdnsError(f"batch must be a positive integer, got {batch}")
-    if samples is not None and samples < 1:
-        raise OnnxdnsError(f"samples must be a positive integer, got {samples}")
+    check_effort(batch=batch, samples=samples, repeats=repeats, warmup=warmup)
     sess_a = _session(model_a, providers, threads, spinning=False)
     sess_b = _session(model_b, providers, threads, spinning=False)
     _check_signatures(sess_a, sess_b)
-    dataset, data_name = _resolve_data(data, data_dir, download, (sess_a, sess_b))
-    fixed_batch = _fixed_batch(sess_a)
-    step = fixed_batch or batch
-
-    labels: np.ndarray | None = None
-    if dataset is None:
-        a, b, n = _outputs_on_random(sess_a, sess_b, samples or RANDOM_SAMPLES, step, fixed=fixed_batch is not None)
+    if isinstance(data, inputs.InputPlan):
+        plan, data = data, "random"
+    acc = _Accumulator(sess_a, sess_b)
+    real = _real_inputs(data, sess_a)
+    dataset = None
+    if real is not None:
+        data_name, feeds = real
+        acc.add(feeds, "the given inputs", _samples_in(feeds))
+        step, notes = acc.samples, ()
+        lat_runs: list[tuple[int, Any]] = [(step, feeds)] if latency_batches else []
     else:
-        images = np.asarray(dataset.images, dtype=np.float32)
-        n = min(samples or len(images), len(images))
-        labels = np.asarray(dataset.labels)[:n]
-        a, b = _outputs_on_images(sess_a, sess_b, images[:n], step, fixed=fixed_batch is not None)
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape:
-            raise OnnxdnsError(f"output {k}: shapes differ between the models ({list(x.shape)} vs {list(y.shape)})")
-    diffs = [np.abs(x.astype(np.float64) - y.astype(np.float64)).reshape(-1) for x, y in zip(a, b)]
-    all_diff = np.concatenate(diffs) if diffs else np.zeros(1)
-    max_abs = float(np.max(all_diff)) if all_diff.size else 0.0
-    mean_abs = float(np.mean(all_diff)) if all_diff.size else 0.0
-    scale = max((float(np.max(np.abs(x.astype(np.float64)))) if x.size else 0.0) for x in a)
-    top_a = _top1(a[0])
-    top_b = _top1(b[0])
-    agreement = float(np.mean(top_a == top_b)) if top_a is not None and top_b is not None else None
-    acc_a = acc_b = None
-    if labels is not None and top_a is not None and top_b is not None and len(top_a) == len(labels):
-        acc_a = float(np.mean(top_a == labels))
-        acc_b = float(np.mean(top_b == labels))
-
-    rows = []
-    for lb in _latency_batches(latency_batches, fixed_batch):
-        if dataset is not None:
-            feeds: Any = [_latency_images(dataset, lb)]
+        dataset, data_name = _resolve_data(data, data_dir, download, (sess_a, sess_b))
+        if dataset is None:
+            plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
+            step, notes, lat_runs = _compare_random(acc, plan, samples or RANDOM_SAMPLES, latency_batches)
         else:
-            feeds = runtime.input_feeds(sess_a, batch=lb, seed=12345)
-        lat = measure_latency({"a": sess_a, "b": sess_b}, feeds, repeats=repeats, warmup=warmup)
+            step, notes, lat_runs = _compare_images(acc, dataset, data_name, samples, batch, latency_batches)
+    rows = []
+    for lb, lat_feeds in lat_runs:
+        lat = measure_latency({"a": sess_a, "b": sess_b}, lat_feeds, repeats=repeats, warmup=warmup)
         rows.append(LatencyRow(lb, lat["a"], lat["b"]))
 
+    max_abs, mean_abs, scale = acc.max_abs, acc.mean_abs, acc.scale
     return Comparison(
         data=data_name,
-        samples=int(n),
+        samples=int(acc.samples),
         batch=step,
         providers=tuple(sess_a.get_providers()),
         max_abs_diff=max_abs,
         mean_abs_diff=mean_abs,
         output_scale=scale,
         max_rel_diff=max_abs / scale if scale > 0 else max_abs,
-        top1_agreement=agreement,
-        accuracy_a=acc_a,
-        accuracy_b=acc_b,
+        top1_agreement=acc.agreement,
+        accuracy_a=acc.accuracy(acc.correct_a),
+        accuracy_b=acc.accuracy(acc.correct_b),
         latency=tuple(rows),
+        notes=notes,
+        inputs=plan.describe() if plan is not None and real is None and dataset is None else "",
     )
 
 
-def _outputs_on_random(sess_a: ort.InferenceSession, sess_b: ort.InferenceSession, n: int, step: int,
-                       fixed: bool) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Outputs of both models on ``n`` standard-normal samples (whole batches for a fixed batch)."""
-    outs_a, outs_b, count = [], [], 0
+LatencyRuns = list[tuple[int, Any]]
+
+
+def _compare_random(acc: _Accumulator, plan: inputs.InputPlan, n: int,
+                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
+    """Compare on ``n`` random samples made by ``plan``: (batch size, notes, latency runs)."""
+    step = plan.batch if plan.batch is not None else _samples_in(plan.feeds(0))
     for i in range(0, n, step):
-        size = step if fixed else min(step, n - i)
-        feeds = runtime.input_feeds(sess_a, batch=size, seed=i)
-        outs_a.append(_run(sess_a, feeds))
-        outs_b.append(_run(sess_b, feeds))
-        first = next(iter(feeds.values()), None)
-        count += int(first.shape[0]) if first is not None and first.ndim else size
-    return _concat(outs_a), _concat(outs_b), count
+        size = min(step, n - i) if plan.batch is not None else None
+        acc.add(plan.feeds(seed=i, batch=size), plan.describe(size), size or step)
+    notes = plan.notes
+    if plan.batch is None:  # fixed shapes: one latency row at the model's own size
+        return step, notes, [(step, plan.feeds(seed=12345))] if latency_batches else []
+    wanted = sorted(set(int(b) for b in latency_batches))
+    # a batch the model failed at, or whose inputs exceed the memory budget, is not timed
+    kept = [b for b in wanted if (b <= plan.batch or not plan.batch_limited) and plan.nbytes(b) <= inputs.INPUT_BUDGET]
+    if kept != wanted:
+        notes += (f"latency measured at batch {', '.join(map(str, kept)) or 'none'} only: the inputs use "
+                  f"batch {plan.batch}",)
+    return step, notes, [(lb, plan.feeds(seed=12345, batch=lb)) for lb in kept]
 
 
-def _outputs_on_images(sess_a: ort.InferenceSession, sess_b: ort.InferenceSession, images: np.ndarray,
-                       step: int, fixed: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Outputs of both models on ``images``; a fixed-batch model gets its last batch zero-padded."""
-    outs_a, outs_b = [], []
-    for i in range(0, len(images), step):
+def _compare_images(acc: _Accumulator, dataset: Any, name: str, samples: int | None, batch: int,
+                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
+    """Compare on a dataset's images (a fixed-batch model gets its last batch zero-padded)."""
+    fixed_batch = _fixed_batch(acc.sess_a)
+    step = fixed_batch or batch
+    images = np.asarray(dataset.images, dtype=np.float32)
+    n = min(samples or len(images), len(images))
+    images, labels = images[:n], np.asarray(dataset.labels)[:n]
+    for i in range(0, n, step):
         chunk = images[i:i + step]
-        real = len(chunk)
-        if fixed and real < step:
-            chunk = np.concatenate([chunk, np.zeros((step - real, *IMAGE_SHAPE), np.float32)])
-        outs_a.append([o[:real] for o in _run(sess_a, [chunk])])
-        outs_b.append([o[:real] for o in _run(sess_b, [chunk])])
-    return _concat(outs_a), _concat(outs_b)
+        count = len(chunk)
+        if fixed_batch is not None and count < step:
+            chunk = np.concatenate([chunk, np.zeros((step - count, *IMAGE_SHAPE), np.float32)])
+        acc.add([chunk], f"{name} images", count, labels[i:i + count])
+    return step, (), [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
 
 
-def _concat(batches: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per output, the batches joined along the first axis (scalar outputs stacked)."""
-    return [np.concatenate([b[k] for b in batches]) if batches[0][k].ndim else np.stack([b[k] for b in batches])
-            for k in range(len(batches[0]))]
+#: Largest ``samples`` and ``repeats`` accepted (beyond them a run takes hours, not a validation).
+MAX_SAMPLES = 10**6
+MAX_REPEATS = 10**4
+
+
+def check_effort(*, batch: int = 1, samples: int | None = None, repeats: int = 1, warmup: int = 0) -> None:
+    """One-line :class:`OnnxdnsError` for a batch, sample count or repeat count out of bounds."""
+    if batch < 1 or batch > MAX_SAMPLES:
+        raise OnnxdnsError(f"batch must be between 1 and {MAX_SAMPLES:,}, got {batch}")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise OnnxdnsError(f"samples must be between 1 and {MAX_SAMPLES:,}, got {samples}")
+    if not 1 <= repeats <= MAX_REPEATS or not 0 <= warmup <= MAX_REPEATS:
+        raise OnnxdnsError(f"repeats must be between 1 and {MAX_REPEATS:,} and warmup between 0 and "
+                           f"{MAX_REPEATS:,} (got {repeats}, {warmup})")
+
+
+class _Accumulator:
+    """Runs both models and accumulates differences, output scale, top-1 agreement and accuracy,
+    run by run (nothing is concatenated: memory stays one run's outputs)."""
+
+    def __init__(self, sess_a: ort.InferenceSession, sess_b: ort.InferenceSession):
+        self.sess_a, self.sess_b = sess_a, sess_b
+        self.names = [o.name for o in sess_a.get_outputs()]
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.count = 0
+        self.scale = 0.0
+        self.samples = 0
+        self.agree = 0
+        self.top1_rows = 0
+        self.top1 = True
+        self.labelled = 0
+        self.correct_a = 0
+        self.correct_b = 0
+
+    def add(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray], what: str, samples: int,
+            labels: np.ndarray | None = None) -> None:
+        """Run both models on ``feeds`` (``what`` names them in errors); the first ``samples``
+        rows count (the rest is padding)."""
+        a = _run_a(self.sess_a, feeds, what)
+        b = _run(self.sess_b, feeds)
+        if labels is not None:  # dataset images: drop the padding of a fixed batch
+            a, b = [o[:samples] for o in a], [o[:samples] for o in b]
+        for name, x, y in zip(self.names, a, b):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape:
+                raise OnnxdnsError(f"output {name}: shapes differ between the models ({list(x.shape)} vs {list(y.shape)})")
+            if x.dtype != y.dtype and not (x.dtype.kind == y.dtype.kind == "f"):
+                raise OnnxdnsError(f"output {name}: types differ between the models ({x.dtype} vs {y.dtype})")
+            d = output_difference(x, y)
+            if d.size:
+                self.max_abs = max(self.max_abs, float(d.max()))
+                self.sum_abs += float(d.sum())
+                self.count += d.size
+            finite = np.abs(x[np.isfinite(x)].astype(np.float64)) if x.dtype.kind in "fc" else np.abs(x.astype(np.float64))
+            if finite.size:
+                self.scale = max(self.scale, float(finite.max()))
+        self.samples += samples
+        top_a, top_b = _top1(a[0]) if a else None, _top1(b[0]) if b else None
+        if top_a is None or top_b is None:
+            self.top1 = False
+            return
+        self.agree += int(np.sum(top_a == top_b))
+        self.top1_rows += len(top_a)
+        if labels is not None and len(labels) == len(top_a):
+            self.labelled += len(labels)
+            self.correct_a += int(np.sum(top_a == labels))
+            self.correct_b += int(np.sum(top_b == labels))
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.count if self.count else 0.0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.top1_rows if self.top1 and self.top1_rows else None
+
+    def accuracy(self, correct: int) -> float | None:
+        return correct / self.labelled if self.top1 and self.labelled else None
+
+
+def output_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """|y - x| per element in float64: 0 where both are equal (the same infinity, or NaN in
+    both), infinite where only one is NaN."""
+    xa, yb = x.astype(np.float64), y.astype(np.float64)
+    same = (xa == yb) | (np.isnan(xa) & np.isnan(yb))
+    with np.errstate(invalid="ignore"):
+        d = np.where(same, 0.0, np.abs(xa - yb))
+    d[np.isnan(d)] = np.inf
+    return d
+
+
+def _samples_in(feeds: Mapping[str, np.ndarray], size: int | None = None) -> int:
+    """Samples in one run: the batch size, else the first input's leading dimension, else 1."""
+    if size is not None:
+        return size
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 # --------------------------------------------------------------------------- latency
@@ -230,20 +333,25 @@ def measure_latency(
     sessions created here; they do not spin-wait (see the module docstring; a session passed in
     is used as it is).
     """
-    if repeats < 1 or warmup < 0:
-        raise OnnxdnsError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    check_effort(repeats=repeats, warmup=warmup)
     sessions = {label: _session(m, providers, threads, spinning=False) for label, m in models.items()}
     bound = {label: _bind(sess, feeds) for label, sess in sessions.items()}
-    for _ in range(warmup):
-        for label, sess in sessions.items():
-            sess.run(None, bound[label])
     times: dict[str, list[float]] = {label: [] for label in sessions}
     order = list(sessions)
-    for r in range(repeats):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            sessions[label].run(None, bound[label])
-            times[label].append((time.perf_counter() - t0) * 1e3)
+    label = order[0] if order else ""
+    try:
+        for _ in range(warmup):
+            for label, sess in sessions.items():
+                sess.run(None, bound[label])
+        for r in range(repeats):
+            for label in (order if r % 2 == 0 else order[::-1]):
+                t0 = time.perf_counter()
+                sessions[label].run(None, bound[label])
+                times[label].append((time.perf_counter() - t0) * 1e3)
+    except Exception as e:  # onnxruntime's own exception types
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in bound[label].items())
+        raise OnnxdnsError(f"model {label} fails in the latency measurement on inputs {shapes}: "
+                           f"{runtime.ort_message(e)}") from None
     return {label: Latency(statistics.median(t), min(t), repeats) for label, t in times.items()}
 
 
@@ -301,6 +409,66 @@ def _resolve_data(data: str | Any, data_dir: str | os.PathLike | None, download:
     return (load_data(data, data_dir, download) if isinstance(data, str) else data), name
 
 
+def read_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Real model inputs from a ``.npz`` file: one array per graph input, named after it.
+
+    The one place that reads user-given inputs (other formats can be added here).
+    """
+    p = os.fspath(path)
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise OnnxdnsError(f"{p}: cannot read inputs (a .npz file with one array per model input): "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+    if not arrays:
+        raise OnnxdnsError(f"{p}: no arrays; save one per model input, named after it (numpy.savez)")
+    return arrays
+
+
+def is_inputs_file(data: Any) -> bool:
+    """True when ``data`` names a file of real inputs (``FILE.npz``) rather than a dataset."""
+    return isinstance(data, (str, os.PathLike)) and os.fspath(data).endswith(".npz")
+
+
+def check_inputs(model: ModelLike, feeds: Mapping[str, np.ndarray], origin: str = "the data") -> None:
+    """One-line :class:`OnnxdnsError` unless ``feeds`` has an array of the right kind and shape
+    (rank, fixed dimensions) for every input of ``model``, and nothing else."""
+    sess = model if isinstance(model, ort.InferenceSession) else _session(model, ("CPUExecutionProvider",), 1)
+    inputs = sess.get_inputs()
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in feeds]
+    extra = [n for n in feeds if n not in names]
+    if missing or extra:
+        raise OnnxdnsError(f"{origin} must have one array per model input, named {', '.join(names)}"
+                           + (f"; missing {', '.join(missing)}" if missing else "")
+                           + (f"; unknown {', '.join(extra)}" if extra else ""))
+    for inp in inputs:
+        arr = feeds[inp.name]
+        want = runtime.numpy_dtype(inp.type)
+        if want is not None and arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
+            raise OnnxdnsError(f"{origin}: array {inp.name} is {arr.dtype}, the model input is {inp.type}")
+        shape = list(inp.shape)
+        fits = arr.ndim == len(shape) and all(not isinstance(d, int) or d <= 0 or d == n for d, n in zip(shape, arr.shape))
+        if not fits:
+            shown = ",".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape)
+            raise OnnxdnsError(f"{origin}: array {inp.name} has shape {list(arr.shape)}, the model input is [{shown}]")
+
+
+def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray]] | None:
+    """(name, feeds) for real inputs (a ``.npz`` path or a mapping of arrays), else None."""
+    if is_inputs_file(data):
+        feeds = read_inputs(data)
+        name = os.path.basename(os.fspath(data))
+    elif isinstance(data, Mapping):
+        feeds, name = {k: np.asarray(v) for k, v in data.items()}, "given inputs"
+    else:
+        return None
+    check_inputs(sess, feeds, name)
+    types = {i.name: runtime.numpy_dtype(i.type) for i in sess.get_inputs()}
+    return name, {k: v if types[k] is None else v.astype(types[k], copy=False) for k, v in feeds.items()}
+
+
 def _latency_images(dataset: Any, n: int) -> np.ndarray:
     images = np.asarray(dataset.images[:n], dtype=np.float32)
     if len(images) < n:
@@ -350,8 +518,17 @@ def _run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence[
     except OnnxdnsError:
         raise
     except Exception as e:  # onnxruntime's own exception types
-        msg = str(e).strip().splitlines()
-        raise OnnxdnsError(f"onnxruntime failed to run the model: {msg[0] if msg else type(e).__name__}") from None
+        raise OnnxdnsError(f"onnxruntime failed to run the model: {runtime.ort_message(e)}") from None
+
+
+def _run_a(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray], what: str) -> list[np.ndarray]:
+    """Outputs of the reference model; its failure is an error about the inputs, not model B."""
+    try:
+        return sess.run(None, _bind(sess, feeds))
+    except OnnxdnsError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types
+        raise OnnxdnsError(f"model A (the reference) fails on {what}: {runtime.ort_message(e)}") from None
 
 
 def _fixed_batch(sess: ort.InferenceSession) -> int | None:

@@ -33,3 +33,13 @@ if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, torch, onnx_grap
   .venv/bin/python -m pip install -q -e '.[train,zoo,test]' -c scripts/constraints-full.txt
 fi
 export PATH="$root/.venv/bin:$PATH"
+
+# ---- real models for the validation tests (tests/realmodels.py) --------------------------------
+# Trained ONNX models others made, shipped in wheels: PP-OCR detector/classifier/recognizer
+# (rapidocr-onnxruntime) and the Silero voice activity detector (silero-vad). --no-deps: their
+# dependencies would pull plain onnxruntime, which must never sit beside onnxruntime-training-cpu.
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("rapidocr-onnxruntime"); m.version("silero-vad")' >/dev/null 2>&1; then
+  echo "==> installing the real test models (rapidocr-onnxruntime, silero-vad) with --no-deps"
+  .venv/bin/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
+fi
+# ---- end of real models ---------------------------------------------------------------------------
