@@ -3,11 +3,12 @@
 # MNIST. Export -> dense reference (onnxruntime-training) -> Dynamic Network Surgery on a short
 # schedule -> optimize (fold masks, remove dead channels, sparse storage) -> validate against the
 # dense model on the MNIST test set. A few minutes on 2 cores; files land in demo-out/.
-# Environment: DEMO_DENSE_EPOCHS (2), DEMO_DNS_ITERATIONS (3000), DEMO_THREADS (0: all cores).
+# Environment: DEMO_DENSE_EPOCHS (2), DEMO_DNS_ITERATIONS (3000), DEMO_THREADS (0: all cores),
+# DEMO_OUT (demo-out).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
-out=demo-out
+out=${DEMO_OUT:-demo-out}
 dense_epochs=${DEMO_DENSE_EPOCHS:-2}
 dns_iterations=${DEMO_DNS_ITERATIONS:-3000}
 threads=${DEMO_THREADS:-0}
