@@ -31,8 +31,9 @@ fi
 if .venv-core/bin/python -c 'import torch' >/dev/null 2>&1; then
   echo "the core environment must not have torch (something pulled it in)"; exit 1
 fi
-# The same trained test models as the full environment (see scripts/setup.sh), --no-deps.
+# The same trained test models as the full environment (see scripts/setup.sh), --no-deps; the
+# rapidocr wheel is pure Python but declares Python < 3.13, hence --ignore-requires-python.
 if ! .venv-core/bin/python -c 'import importlib.metadata as m; m.version("rapidocr-onnxruntime"); m.version("silero-vad")' >/dev/null 2>&1; then
   echo "==> installing the real test models (rapidocr-onnxruntime, silero-vad) with --no-deps into .venv-core"
-  .venv-core/bin/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
+  .venv-core/bin/python -m pip install -q --no-deps --ignore-requires-python rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
 fi

@@ -3,6 +3,7 @@ dynamic spatial or sequence dimensions, real inputs from .npz, trained models ot
 
 from __future__ import annotations
 
+import importlib.metadata
 import signal
 import subprocess
 import sys
@@ -145,6 +146,10 @@ def test_validate_trained_speech_model(tmp_path, capsys):
     assert "max abs diff    0 " in stdout and "they are" in stdout
 
 
+_ORT_VERSION = tuple(int(p) for p in importlib.metadata.version(
+    importlib.metadata.packages_distributions()["onnxruntime"][0]).split(".")[:2])
+
+
 def test_recognizer_sigfpe_is_why_free_dims_start_at_64():
     """The PP-OCRv4 recognizer is killed by SIGFPE at height 32 (uncatchable, so validation must
     never feed it); at 64, the size plan_inputs gives, it runs. In a child process."""
@@ -152,6 +157,7 @@ def test_recognizer_sigfpe_is_why_free_dims_start_at_64():
             "providers=['CPUExecutionProvider']); s.run(None, {'x': np.zeros((1, 3, int(sys.argv[2]), 64), np.float32)})")
     path = str(model_path("ocr-rec"))
     crashed = subprocess.run([sys.executable, "-c", code, path, "32"], capture_output=True)
-    assert crashed.returncode == -signal.SIGFPE, crashed.stderr[-500:]
+    if _ORT_VERSION < (1, 20):  # seen with onnxruntime(-training) 1.19.2; 1.32 runs height 32
+        assert crashed.returncode == -signal.SIGFPE, crashed.stderr[-500:]
     ran = subprocess.run([sys.executable, "-c", code, path, str(inputs.FREE_SIZE)], capture_output=True)
     assert ran.returncode == 0, ran.stderr[-500:]
