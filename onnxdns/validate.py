@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxdns import data as data_module
-from onnxdns import inputs, runtime
+from onnxdns import inputs, runtime, sources
 from onnxdns.runtime import ort  # imported on first use: onnxdns[cpu], [cuda] or [train]
 from onnxdns.errors import OnnxdnsError
 
@@ -134,11 +134,15 @@ def compare(
     if isinstance(data, inputs.InputPlan):
         plan, data = data, "random"
     acc = _Accumulator(sess_a, sess_b)
-    real = _real_inputs(data, sess_a)
+    real = None if is_user_source(data) else _real_inputs(data, sess_a)
     dataset = None
-    if real is not None:
-        data_name, feeds = real
-        acc.add(feeds, "the given inputs", _samples_in(feeds))
+    if is_user_source(data):
+        source = sources.open_source(data, sources.model_inputs(sess_a), split="test")
+        data_name = source.name
+        step, notes, lat_runs = _compare_source(acc, source, samples, batch, latency_batches)
+    elif real is not None:
+        data_name, feeds, labels = real
+        acc.add(feeds, "the given inputs", _samples_in(feeds), labels)
         step, notes = acc.samples, ()
         lat_runs: list[tuple[int, Any]] = [(step, feeds)] if latency_batches else []
     else:
@@ -211,6 +215,40 @@ def _compare_images(acc: _Accumulator, dataset: Any, name: str, samples: int | N
     return step, (), [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
 
 
+def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | None, batch: int,
+                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
+    """Compare on a :class:`~onnxdns.sources.Source`'s batches, in its own order, up to ``samples``
+    samples (a fixed-batch model gets batches of its size; a short last batch is zero-padded when
+    it has labels to count, else left out)."""
+    fixed_batch = _fixed_batch(acc.sess_a)
+    step = fixed_batch or batch
+    wanted = samples or MAX_SAMPLES
+    first = None
+    notes: tuple[str, ...] = ()
+    for b in source.batches(step):
+        count = min(len(b), wanted - acc.samples)
+        feeds = {k: v[:count] for k, v in b.inputs.items()} if count < len(b) else b.inputs
+        labels = None if b.labels is None else b.labels[:count]
+        if fixed_batch is not None and count < fixed_batch:
+            if labels is None:
+                notes = (f"the last {count} samples are left out: the model takes batches of exactly {fixed_batch}",)
+                break
+            feeds = {k: np.concatenate([v, np.zeros((fixed_batch - count, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
+        acc.add(feeds, f"{source.name} samples", count, labels)
+        first = first or feeds
+        if acc.samples >= wanted:
+            break
+    if first is None:
+        raise OnnxdnsError(f"{source.name}: no samples to compare on")
+    return step, notes, [(_samples_in(first), first)] if latency_batches else []
+
+
+def is_user_source(data: Any) -> bool:
+    """True for a :class:`~onnxdns.sources.Source`, or a folder, ``.npy`` or ``module:function``
+    spec (a ``.npz`` runs as given, in one run: see :func:`read_inputs`)."""
+    return sources.is_source_spec(data) and not is_inputs_file(data)
+
+
 #: Largest ``samples`` and ``repeats`` accepted (beyond them a run takes hours, not a validation).
 MAX_SAMPLES = 10**6
 MAX_REPEATS = 10**4
@@ -273,6 +311,9 @@ class _Accumulator:
         if top_a is None or top_b is None:
             self.top1 = False
             return
+        if labels is not None and len(labels) and int(labels.max()) >= a[0].shape[1]:
+            raise OnnxdnsError(f"label {int(labels.max())} out of range 0..{a[0].shape[1] - 1} (the model's "
+                               f"{a[0].shape[1]} outputs per sample)")
         self.agree += int(np.sum(top_a == top_b))
         self.top1_rows += len(top_a)
         if labels is not None and len(labels) == len(top_a):
@@ -414,16 +455,9 @@ def read_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     The one place that reads user-given inputs (other formats can be added here).
     """
-    p = os.fspath(path)
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {name: f[name] for name in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise OnnxdnsError(f"{p}: cannot read inputs (a .npz file with one array per model input): "
-                           f"{getattr(e, 'strerror', None) or e}") from None
-    if not arrays:
-        raise OnnxdnsError(f"{p}: no arrays; save one per model input, named after it (numpy.savez)")
-    return arrays
+    from onnxdns.sources.arrays import read_arrays
+
+    return read_arrays(path, "inputs (a .npz file with one array per model input)")
 
 
 def is_inputs_file(data: Any) -> bool:
@@ -455,18 +489,27 @@ def check_inputs(model: ModelLike, feeds: Mapping[str, np.ndarray], origin: str 
             raise OnnxdnsError(f"{origin}: array {inp.name} has shape {list(arr.shape)}, the model input is [{shown}]")
 
 
-def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray]] | None:
-    """(name, feeds) for real inputs (a ``.npz`` path or a mapping of arrays), else None."""
+def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray], np.ndarray | None] | None:
+    """(name, feeds, labels or None) for real inputs (a ``.npz`` path, optionally with an array
+    ``labels``, or a mapping of arrays), else None."""
+    labels = None
     if is_inputs_file(data):
         feeds = read_inputs(data)
         name = os.path.basename(os.fspath(data))
+        if "labels" in feeds and "labels" not in [i.name for i in sess.get_inputs()]:
+            labels = feeds.pop("labels")
     elif isinstance(data, Mapping):
         feeds, name = {k: np.asarray(v) for k, v in data.items()}, "given inputs"
     else:
         return None
     check_inputs(sess, feeds, name)
     types = {i.name: runtime.numpy_dtype(i.type) for i in sess.get_inputs()}
-    return name, {k: v if types[k] is None else v.astype(types[k], copy=False) for k, v in feeds.items()}
+    feeds = {k: np.asarray(v if types[k] is None else v.astype(types[k], copy=False)) for k, v in feeds.items()}
+    if labels is not None:
+        from onnxdns.sources.base import check_labels
+
+        labels = check_labels(np.asarray(labels), _samples_in(feeds), None, name)
+    return name, feeds, labels
 
 
 def _latency_images(dataset: Any, n: int) -> np.ndarray:
