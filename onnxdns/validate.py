@@ -119,7 +119,10 @@ def compare(
     (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]), a
     loaded dataset (an object with ``.images`` and ``.labels``), the path of a ``.npz`` file or
     a mapping of arrays named after the inputs (real inputs, given to the models as they are, in
-    one run; see :func:`read_inputs`). ``samples`` limits the number of inputs (default: the
+    one run; see :func:`read_inputs`), or another data source of
+    :func:`onnxdns.sources.open_source` (a folder of images, ``.npy``, ``module:function``, a
+    :class:`~onnxdns.sources.Source`: run batch by batch in its own order; labels give accuracy).
+    ``samples`` limits the number of inputs (default: the
     whole test split, or 256 random ones; at most ``MAX_SAMPLES``). ``latency_batches=()`` skips
     the latency measurement. ``data_dir`` and ``download`` go to :func:`onnxdns.data.load_dataset`.
 
@@ -451,9 +454,10 @@ def _resolve_data(data: str | Any, data_dir: str | os.PathLike | None, download:
 
 
 def read_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Real model inputs from a ``.npz`` file: one array per graph input, named after it.
-
-    The one place that reads user-given inputs (other formats can be added here).
+    """Real model inputs from a ``.npz`` file: one array per graph input, named after it, and an
+    optional ``labels`` (read by :func:`onnxdns.sources.arrays.read_arrays`: no pickle, members
+    memory-mapped). Other sources (folders, ``.npy``, functions) go through
+    :func:`onnxdns.sources.open_source`.
     """
     from onnxdns.sources.arrays import read_arrays
 

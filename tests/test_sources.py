@@ -199,6 +199,26 @@ def test_npz_with_and_without_labels_and_npy(tmp_path):
     np.testing.assert_array_equal(next(open_source(tmp_path / "x.npy", inputs).batches(10)).inputs["images"], x)
 
 
+def test_npz_split_keeps_labels_with_their_samples_and_a_function_cannot_be_split(tmp_path):
+    x = np.broadcast_to(np.arange(12, dtype=np.float32)[:, None, None, None], (12, 3, 16, 16))
+    np.savez(tmp_path / "l.npz", images=x, labels=np.arange(12) % 4)
+    train, val = open_source(tmp_path / "l.npz", inputs_of(conv_model())).split(0.25, seed=0)
+    for part, n in ((train, 9), (val, 3)):
+        batch = next(part.batches(12, seed=5))
+        index = batch.inputs["images"][:, 0, 0, 0].astype(int)
+        assert len(index) == n and list(batch.labels) == list(index % 4)
+    path = write_loader(tmp_path, LOADER)
+    with pytest.raises(OnnxdnsError, match="give --val-data"):
+        open_source(f"{path}:batches", inputs_of(conv_model())).split(0.2)
+
+
+def test_an_input_named_labels_is_an_input(tmp_path):
+    model = [ModelInput("labels", np.dtype(np.int64), ("N", 3))]
+    np.savez(tmp_path / "a.npz", labels=np.zeros((5, 3), np.int64))
+    src = open_source(tmp_path / "a.npz", model)
+    assert not src.has_labels and next(src.batches(5)).inputs["labels"].shape == (5, 3)
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"image": np.zeros((2, 3, 16, 16), np.float32)}, "named images; missing images; unknown image"),
     ({"images": np.zeros((2, 3, 8, 16), np.float32)}, "shape [2, 3, 8, 16]"),

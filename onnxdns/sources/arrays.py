@@ -76,7 +76,7 @@ class ArraySource(IndexedSource):
         arrays = read_arrays(path)
         if path.suffix == ".npy":
             arrays = {single_input(self.inputs, f"a .npy file ({path.name})").name: arrays[""]}
-        labels = arrays.pop(LABELS, None)
+        labels = arrays.pop(LABELS, None) if LABELS not in {i.name for i in self.inputs} else None
         check_arrays(self.inputs, arrays, self.name)
         counts = {i.name: arrays[i.name].shape[i.batch_axis] for i in self.inputs if arrays[i.name].ndim}
         if len(set(counts.values())) > 1:

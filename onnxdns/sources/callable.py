@@ -2,8 +2,10 @@
 arguments, returning an iterable of batches, each a dict from input name to array (samples on each
 input's batch axis) with an optional ``"labels"`` entry (integers, one per sample). The hook for
 any preprocessing (a "dataloader function" to Olive and Neural Compressor users). Its order is its
-own; ``batch_size`` and ``seed`` do not change it. Each batch is checked against the model inputs
-as it comes; an import failure or an exception in the function is a one-line error."""
+own; ``batch_size`` and ``seed`` do not change it. The function is called when the source is
+opened (its first batch is checked then, before anything is written) and again for every pass
+over the data. Each batch is checked against the model inputs as it comes; an import failure or
+an exception in the function is a one-line error."""
 
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class CallableSource(Source):
         if not isinstance(item, dict):
             raise OnnxdnsError(f"{where}: expected a dict from input name to array, got {type(item).__name__}")
         item = dict(item)
-        labels = item.pop(LABELS, None)
+        labels = item.pop(LABELS, None) if LABELS not in {i.name for i in self.inputs} else None
         feeds = check_feeds(self.inputs, item, where)
         counts = {i.name: feeds[i.name].shape[i.batch_axis] for i in self.inputs if feeds[i.name].ndim}
         if len(set(counts.values())) > 1:

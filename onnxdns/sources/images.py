@@ -151,10 +151,3 @@ class ImageFolderSource(IndexedSource):
     def __repr__(self) -> str:
         return f"ImageFolderSource({self.name!r}, {len(self.indices)} images, {len(self.classes)} classes)"
 
-
-def describe(source: ImageFolderSource) -> str:
-    what = f"{len(source)} images" + (f", {len(source.classes)} classes" if source.has_labels else "")
-    return f"{source.name} ({what})"
-
-
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderSource"]
