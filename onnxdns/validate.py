@@ -154,7 +154,10 @@ def compare(
             plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
             step, notes, lat_runs = _compare_random(acc, plan, samples or RANDOM_SAMPLES, latency_batches)
         else:
-            step, notes, lat_runs = _compare_images(acc, dataset, data_name, samples, batch, latency_batches)
+            from onnxdns.sources.datasets import DatasetSource
+
+            source = DatasetSource(data_name, sources.model_inputs(sess_a), dataset=dataset)
+            step, notes, lat_runs = _compare_source(acc, source, samples, batch, latency_batches)
     rows = []
     for lb, lat_feeds in lat_runs:
         lat = measure_latency({"a": sess_a, "b": sess_b}, lat_feeds, repeats=repeats, warmup=warmup)
@@ -201,28 +204,12 @@ def _compare_random(acc: _Accumulator, plan: inputs.InputPlan, n: int,
     return step, notes, [(lb, plan.feeds(seed=12345, batch=lb)) for lb in kept]
 
 
-def _compare_images(acc: _Accumulator, dataset: Any, name: str, samples: int | None, batch: int,
-                    latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
-    """Compare on a dataset's images (a fixed-batch model gets its last batch zero-padded)."""
-    fixed_batch = _fixed_batch(acc.sess_a)
-    step = fixed_batch or batch
-    images = np.asarray(dataset.images, dtype=np.float32)
-    n = min(samples or len(images), len(images))
-    images, labels = images[:n], np.asarray(dataset.labels)[:n]
-    for i in range(0, n, step):
-        chunk = images[i:i + step]
-        count = len(chunk)
-        if fixed_batch is not None and count < step:
-            chunk = np.concatenate([chunk, np.zeros((step - count, *IMAGE_SHAPE), np.float32)])
-        acc.add([chunk], f"{name} images", count, labels[i:i + count])
-    return step, (), [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
-
-
 def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | None, batch: int,
                     latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
     """Compare on a :class:`~onnxdns.sources.Source`'s batches, in its own order, up to ``samples``
     samples (a fixed-batch model gets batches of its size; a short last batch is zero-padded when
-    it has labels to count, else left out)."""
+    it has labels to count, else left out). Latency is timed on the first samples at each of
+    ``latency_batches`` (repeated when the source has fewer)."""
     fixed_batch = _fixed_batch(acc.sess_a)
     step = fixed_batch or batch
     wanted = samples or MAX_SAMPLES
@@ -237,13 +224,28 @@ def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | No
                 notes = (f"the last {count} samples are left out: the model takes batches of exactly {fixed_batch}",)
                 break
             feeds = {k: np.concatenate([v, np.zeros((fixed_batch - count, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
-        acc.add(feeds, f"{source.name} samples", count, labels)
-        first = first or feeds
+        acc.add(feeds, f"{source.name} {source.unit}", count, labels)
+        first = len(b) if first is None else first
         if acc.samples >= wanted:
             break
     if first is None:
         raise OnnxdnsError(f"{source.name}: no samples to compare on")
-    return step, notes, [(_samples_in(first), first)] if latency_batches else []
+    if not isinstance(source, sources.IndexedSource):
+        step = first  # a function's batches are its own
+    return step, notes, [(lb, _first_samples(source, lb)) for lb in _latency_batches(latency_batches, fixed_batch)]
+
+
+def _first_samples(source: sources.Source, n: int) -> dict[str, np.ndarray]:
+    """Feeds of exactly ``n`` samples: the source's first ones, repeated when it has fewer."""
+    parts: list[dict[str, np.ndarray]] = []
+    have = 0
+    for b in source.batches(n):
+        parts.append(b.inputs)
+        have += len(b)
+        if have >= n:
+            break
+    feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {k: v[:n] if len(v) >= n else np.resize(v, (n, *v.shape[1:])) for k, v in feeds.items()}
 
 
 def is_user_source(data: Any) -> bool:
@@ -514,13 +516,6 @@ def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, 
 
         labels = check_labels(np.asarray(labels), _samples_in(feeds), None, name)
     return name, feeds, labels
-
-
-def _latency_images(dataset: Any, n: int) -> np.ndarray:
-    images = np.asarray(dataset.images[:n], dtype=np.float32)
-    if len(images) < n:
-        images = np.resize(images, (n, *IMAGE_SHAPE))
-    return images
 
 
 def _session(model: ModelLike, providers: Sequence[str], threads: int, *, spinning: bool = True) -> ort.InferenceSession:

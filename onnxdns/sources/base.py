@@ -31,6 +31,8 @@ class Source:
     has_labels: bool = False
     #: Number of classes when the source knows it (class subfolders, a built-in data set), else None.
     num_classes: int | None = None
+    #: What one sample is, in messages ("images" for image sources).
+    unit: str = "samples"
 
     def length(self) -> int | None:
         return None

@@ -63,6 +63,8 @@ def _vector(values: Sequence[float] | None, channels: int, default: float, what:
 
 
 class ImageFolderSource(IndexedSource):
+    unit = "images"
+
     def __init__(self, folder: Path, inputs: Sequence[ModelInput], *, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None):
         Image = _pil()
