@@ -209,8 +209,10 @@ def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, downloa
 
     if not numeric:
         return data
-    if is_user_source(data):
-        return sources.open_source(data, sources.model_inputs(model), split="test")
+    if is_user_source(data):  # every sample validation reads is decoded once now: a bad file writes nothing
+        source = sources.open_source(data, sources.model_inputs(model), split="test")
+        source.check(samples)
+        return source
     if is_inputs_file(data):
         feeds = read_inputs(data)
         if "labels" in feeds and "labels" not in {i.name for i in model.graph.input}:

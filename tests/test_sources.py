@@ -368,9 +368,13 @@ def test_cli_bad_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     (corrupt / "0000.png").write_bytes(b"not an image")
     (tmp_path / "empty").mkdir()
     loader = write_loader(tmp_path, "def batches():\n    raise OSError('gone')\n")
+    cut = indexed_folder(tmp_path / "cut", 3, size=(64, 64))
+    Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8)).save(cut / "0002.png")
+    (cut / "0002.png").write_bytes((cut / "0002.png").read_bytes()[:2000])  # the header reads, the pixels do not
     cases = [
         (("optimize", src, "-o", out, "--data", corrupt), "0000.png: not a readable image"),
         (("optimize", src, "-o", out, "--data", tmp_path / "empty"), "empty: no images"),
+        (("optimize", src, "-o", out, "--data", cut), "0002.png: cannot decode the image"),
         (("optimize", src, "-o", out, "--data", f"{loader}:batches"), "raised OSError: gone"),
         (("optimize", src, "-o", out, "--data", "no_such_module_xyz:load"), "cannot import no_such_module_xyz"),
         (("optimize", src, "-o", out, "--passes", "sparse-lowrank", "--calib-data", corrupt), "not a readable image"),
@@ -382,3 +386,14 @@ def test_cli_bad_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
         code, _, err = run(capsys, *args)
         assert_user_error(code, err, fragment)
         assert not out.exists()
+
+
+def test_an_image_whose_pixels_are_cut_off_stops_the_run_naming_it(tmp_path):
+    folder = tmp_path / "cut"
+    Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(write_image(folder / "a.png", 0))
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "b.png")
+    raw = (folder / "b.png").read_bytes()
+    (folder / "b.png").write_bytes(raw[:len(raw) // 2])  # the header reads, the pixels do not
+    src = open_source(folder, inputs_of(conv_model()))
+    with pytest.raises(OnnxdnsError, match=r"b.png: cannot decode the image"):
+        list(src.batches(2))

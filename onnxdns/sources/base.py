@@ -48,6 +48,17 @@ class Source:
         own order; else shuffled by a permutation that depends only on ``(seed, epoch)``."""
         raise NotImplementedError
 
+    def check(self, samples: int | None = None, batch_size: int = 64) -> int:
+        """Read the first ``samples`` samples (all by default) one batch at a time, so that a file
+        that fails to decode, or a function that raises, is an error now (e.g. before a command
+        writes its output); returns the number read."""
+        n = 0
+        for batch in self.batches(batch_size):
+            n += len(batch)
+            if samples is not None and n >= samples:
+                break
+        return n
+
     def split(self, val_fraction: float, seed: int = 0) -> tuple[Source, Source]:
         """(train, validation): a deterministic held-out ``val_fraction`` of the samples."""
         raise OnnxdnsError(f"{self.name}: cannot hold out a validation fraction of this source; give --val-data")

@@ -15,8 +15,10 @@ which is then used as it is.
 
 Bad files are rejected, not skipped: opening the source reads every file's header (a few bytes
 each, not the pixels) and a file Pillow cannot identify is a one-line error naming it; a file
-whose pixels fail to decode later stops the run with the same kind of error. (Skipping would make
-the sample count, and with it the data order of a resumed run, depend on which files decode.)
+whose pixels fail to decode later stops the run with the same kind of error (``optimize`` reads
+its validation samples once with :meth:`~onnxdns.sources.Source.check` before writing anything).
+Skipping would make the sample count, and with it the data order of a resumed run, depend on
+which files decode.
 
 Memory: only one batch of decoded images exists at a time (:attr:`ImageFolderSource.peak_decoded`
 counts them), so a folder larger than RAM works.
