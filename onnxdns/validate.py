@@ -217,13 +217,13 @@ def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | No
     notes: tuple[str, ...] = ()
     for b in source.batches(step):
         count = min(len(b), wanted - acc.samples)
-        feeds = {k: v[:count] for k, v in b.inputs.items()} if count < len(b) else b.inputs
-        labels = None if b.labels is None else b.labels[:count]
+        b = b.take(count)
+        feeds, labels = b.inputs, b.labels
         if fixed_batch is not None and count < fixed_batch:
             if labels is None:
                 notes = (f"the last {count} samples are left out: the model takes batches of exactly {fixed_batch}",)
                 break
-            feeds = {k: np.concatenate([v, np.zeros((fixed_batch - count, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
+            feeds = {k: _pad(v, b.axis(k), fixed_batch) for k, v in feeds.items()}
         acc.add(feeds, f"{source.name} {source.unit}", count, labels)
         first = len(b) if first is None else first
         if acc.samples >= wanted:
@@ -235,17 +235,28 @@ def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | No
     return step, notes, [(lb, _first_samples(source, lb)) for lb in _latency_batches(latency_batches, fixed_batch)]
 
 
+def _pad(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``array`` zero-padded to ``size`` samples on ``axis``."""
+    shape = list(array.shape)
+    shape[axis] = size - shape[axis]
+    return np.concatenate([array, np.zeros(shape, array.dtype)], axis=axis)
+
+
 def _first_samples(source: sources.Source, n: int) -> dict[str, np.ndarray]:
     """Feeds of exactly ``n`` samples: the source's first ones, repeated when it has fewer."""
-    parts: list[dict[str, np.ndarray]] = []
+    parts: list[sources.Batch] = []
     have = 0
     for b in source.batches(n):
-        parts.append(b.inputs)
+        parts.append(b)
         have += len(b)
         if have >= n:
             break
-    feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return {k: v[:n] if len(v) >= n else np.resize(v, (n, *v.shape[1:])) for k, v in feeds.items()}
+    feeds = {}
+    for k in parts[0].inputs:
+        axis = parts[0].axis(k)
+        v = np.concatenate([p.inputs[k] for p in parts], axis=axis)
+        feeds[k] = np.take(v, np.arange(n) % v.shape[axis], axis=axis)
+    return feeds
 
 
 def is_user_source(data: Any) -> bool:
@@ -574,9 +585,11 @@ def _run_a(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequenc
 
 
 def _fixed_batch(sess: ort.InferenceSession) -> int | None:
-    """The first input's leading dimension when it is a fixed integer, else None."""
-    shape = sess.get_inputs()[0].shape if sess.get_inputs() else []
-    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    """The first input's batch dimension (:func:`onnxdns.sources.model.batch_axis`: N of
+    [N, C, H, W], batch of [seq, batch, d]) when it is a fixed integer, else None."""
+    first = sources.model_inputs(sess)[:1]
+    size = first[0].dims[first[0].batch_axis] if first and first[0].dims else None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _latency_batches(requested: Sequence[int], fixed: int | None) -> list[int]:

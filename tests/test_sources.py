@@ -397,3 +397,16 @@ def test_an_image_whose_pixels_are_cut_off_stops_the_run_naming_it(tmp_path):
     src = open_source(folder, inputs_of(conv_model()))
     with pytest.raises(OnnxdnsError, match=r"b.png: cannot decode the image"):
         list(src.batches(2))
+
+
+def test_inputs_with_samples_on_axis_1_are_cut_and_timed_on_that_axis(tmp_path):
+    """A [seq, batch, d] input: --samples and the latency batches count samples on axis 1."""
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+                              [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = write_loader(tmp_path, "def batches():\n    yield {'x': np.ones((5, 4, 3), np.float32)}\n")
+    cmp = compare(model, model, data=f"{path}:batches", samples=3, repeats=1, warmup=0, latency_batches=(1, 6))
+    assert cmp.samples == 3 and [r.batch for r in cmp.latency] == [1, 6]

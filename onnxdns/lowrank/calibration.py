@@ -204,8 +204,7 @@ def _gather(data: Any, specs: Sequence[InputSpec], samples: int, seed: int) -> t
     parts: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
     have = 0
     for batch in source.batches(min(samples, 256), seed=seed):
-        first = specs[0]
-        take = min(samples - have, batch.inputs[first.name].shape[first.batch_axis])
+        take = min(samples - have, len(batch))
         for s in specs:
             parts[s.name].append(_take(batch.inputs[s.name], s.batch_axis, 0, take))
         have += take

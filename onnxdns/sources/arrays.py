@@ -91,4 +91,5 @@ class ArraySource(IndexedSource):
 
     def _read(self, indices: np.ndarray) -> Batch:
         feeds = {i.name: np.take(self.arrays[i.name], indices, axis=i.batch_axis) for i in self.inputs}
-        return Batch(check_feeds(self.inputs, feeds, self.name), None if self.labels is None else self.labels[indices])
+        return Batch(check_feeds(self.inputs, feeds, self.name), None if self.labels is None else self.labels[indices],
+                     {i.name: i.batch_axis for i in self.inputs})

@@ -17,10 +17,22 @@ class Batch:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    #: Batch axis of each input (default 0: images, most models).
+    axes: dict[str, int] | None = None
+
+    def axis(self, name: str) -> int:
+        return (self.axes or {}).get(name, 0)
 
     def __len__(self) -> int:
-        first = next(iter(self.inputs.values()), None)
-        return int(first.shape[0]) if first is not None and first.ndim else 1
+        name, first = next(iter(self.inputs.items()), (None, None))
+        return int(first.shape[self.axis(name)]) if first is not None and first.ndim else 1
+
+    def take(self, count: int) -> Batch:
+        """The first ``count`` samples."""
+        if count >= len(self):
+            return self
+        inputs = {k: np.take(v, np.arange(count), axis=self.axis(k)) for k, v in self.inputs.items()}
+        return Batch(inputs, None if self.labels is None else self.labels[:count], self.axes)
 
 
 class Source:

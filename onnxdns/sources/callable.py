@@ -88,7 +88,8 @@ class CallableSource(Source):
         if len(set(counts.values())) > 1:
             raise OnnxdnsError(f"{where}: arrays hold different numbers of samples on their batch axes: {counts}")
         n = next(iter(counts.values()), 1)
-        return Batch(feeds, None if labels is None else check_labels(np.asarray(labels), n, None, where))
+        return Batch(feeds, None if labels is None else check_labels(np.asarray(labels), n, None, where),
+                     {i.name: i.batch_axis for i in self.inputs})
 
     def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0) -> Iterator[Batch]:
         check_batch_size(batch_size)
