@@ -110,13 +110,15 @@ def optimize(
     validation is reported in the result (``result.ok`` is False); the output file is kept.
 
     ``data`` is ``"random"`` (inputs that fit the model, see :func:`onnxdns.inputs.plan_inputs`),
-    a dataset name, or a ``.npz`` file of real inputs (one array per model input). The inputs are
+    a dataset name, a ``.npz`` file of real inputs (one array per model input), or any other data
+    source of :func:`onnxdns.sources.open_source` (a folder of images, ``.npy``, ``module:function``,
+    an opened :class:`~onnxdns.sources.Source`). The inputs are
     decided, and the input model run on them, before anything is written: a model that cannot
     run on them, or inputs over the memory budget, is an :class:`OnnxdnsError`.
     """
     from onnxdns.inputs import InputPlan
     from onnxdns.runtime import has_cuda
-    from onnxdns.validate import DATA_CHOICES, check_effort, is_inputs_file
+    from onnxdns.validate import DATA_CHOICES, check_effort, is_inputs_file, is_user_source
 
     src, out = Path(input_path), Path(output_path)
     _check_output_path(src, out)
@@ -127,7 +129,7 @@ def optimize(
         pipeline = pipelines.custom_pipeline(list(passes), target, **(pass_options or {}))
         if precision == "fp16" and FP16_PASS not in passes:
             raise OnnxdnsError(f"--precision fp16 with --passes needs '{FP16_PASS}' in the pass list")
-    if data not in DATA_CHOICES and not is_inputs_file(data):
+    if data not in DATA_CHOICES and not is_inputs_file(data) and not is_user_source(data):
         raise OnnxdnsError(f"unknown data '{data}'; choose one of: {', '.join(DATA_CHOICES)}, or FILE.npz")
     if validate:
         check_effort(samples=samples)
@@ -202,12 +204,19 @@ def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, downloa
     checked against the model, or an :class:`~onnxdns.inputs.InputPlan` of random inputs on
     which the input model runs (fallbacks noted); the unchanged ``data`` when not validating."""
     from onnxdns.inputs import plan_inputs
-    from onnxdns.validate import check_image_input, check_inputs, is_inputs_file, load_data, read_inputs
+    from onnxdns import sources
+    from onnxdns.validate import check_image_input, check_inputs, is_inputs_file, is_user_source, load_data, read_inputs
 
     if not numeric:
         return data
+    if is_user_source(data):  # every sample validation reads is decoded once now: a bad file writes nothing
+        source = sources.open_source(data, sources.model_inputs(model), split="test")
+        source.check(samples)
+        return source
     if is_inputs_file(data):
         feeds = read_inputs(data)
+        if "labels" in feeds and "labels" not in {i.name for i in model.graph.input}:
+            feeds.pop("labels")
         check_inputs(model, feeds, os.path.basename(os.fspath(data)))
         return data
     if data != "random":

@@ -46,11 +46,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DATA_HELP = ("a folder of images (class subfolders give labels), FILE.npy, module:function or FILE.npz (one array "
+             "per model input, named after it, optional 'labels')")
+
+
 def _data_choice(text: str) -> str:
-    """--data: a dataset name, ``random``, or a ``.npz`` file of real inputs."""
-    if text in DATA_CHOICES or text.endswith(".npz"):
+    """--data: a dataset name, ``random``, or a data source of :func:`onnxdns.sources.open_source`."""
+    from onnxdns.sources import is_source_spec
+
+    if text in DATA_CHOICES or is_source_spec(text):
         return text
-    raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(DATA_CHOICES)}, or FILE.npz)")
+    raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(DATA_CHOICES)}, "
+                                     f"a folder of images, FILE.npy, module:function or FILE.npz)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                   help="images of a folder: per-channel mean subtracted after scaling to [0, 1] (default 0)")
+    p.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                   help="images of a folder: per-channel standard deviation divided by (default 1)")
+
+
+def _open_data(spec, model: Path, args: argparse.Namespace, split: str = "test"):
+    """``spec`` as given, or opened as a :class:`~onnxdns.sources.Source` when --mean/--std
+    normalise its images (the library opens a folder with the defaults itself)."""
+    if spec is None or (args.mean is None and args.std is None) or not os.path.isdir(str(spec)):
+        return spec
+    from onnxdns import sources
+
+    if not model.is_file():
+        return spec  # the command reports the missing model
+    try:
+        inputs = sources.model_inputs(model)
+    except Exception:  # noqa: BLE001 - the command reports an unreadable model
+        return spec
+    return sources.open_source(spec, inputs, split=split, mean=args.mean, std=args.std)
+
+
+def _check_image_options(args: argparse.Namespace, *specs) -> None:
+    if (args.mean is not None or args.std is not None) and not any(s and os.path.isdir(str(s)) for s in specs):
+        raise OnnxdnsError("--mean and --std normalise the images of a folder (--data DIR or --calib-data DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", metavar="A,B,...", help="comma-separated pass names instead of the target pipeline")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison with the input")
     p.add_argument("--data", type=_data_choice, default="random", metavar="DATA",
-                   help=f"validation inputs: {', '.join(DATA_CHOICES)} or FILE.npz (one array per model input, "
-                        f"named after it; default: random)")
+                   help=f"validation inputs: {', '.join(DATA_CHOICES)}, {DATA_HELP} (default: random)")
+    _add_image_options(p)
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--samples", type=_positive_int, help="number of validation samples")
@@ -98,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_a", type=Path, metavar="A.onnx")
     p.add_argument("model_b", type=Path, metavar="B.onnx")
     p.add_argument("--data", type=_data_choice, default="random", metavar="DATA",
-                   help=f"inputs: {', '.join(DATA_CHOICES)} or FILE.npz (one array per model input, named after it)")
+                   help=f"inputs: {', '.join(DATA_CHOICES)}, {DATA_HELP}")
+    _add_image_options(p)
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--batch", type=_positive_int, default=32)
@@ -138,8 +181,10 @@ def _optimize(args: argparse.Namespace) -> int:
     from onnxdns import api, report
 
     passes = None if args.passes is None else args.passes.split(",")
+    _check_image_options(args, args.data, args.calib_data)
     result = api.optimize(args.input, args.output, target=args.target, precision=args.precision, passes=passes,
-                          validate=not args.no_validate, data=args.data, data_dir=args.data_dir,
+                          validate=not args.no_validate, data=_open_data(args.data, args.input, args),
+                          data_dir=args.data_dir,
                           download=args.download, samples=args.samples, pass_options=_pass_options(args))
     print(report.optimize_summary(result))
     _print_sparse_lowrank(result)
@@ -160,7 +205,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from onnxdns import api, report
 
-    cmp = api.validate(args.model_a, args.model_b, data=args.data, data_dir=args.data_dir, download=args.download,
+    _check_image_options(args, args.data)
+    cmp = api.validate(args.model_a, args.model_b, data=_open_data(args.data, args.model_a, args),
+                       data_dir=args.data_dir, download=args.download,
                        batch=args.batch, samples=args.samples, repeats=args.repeats, threads=args.threads)
     print(f"A = {args.model_a}\nB = {args.model_b}")
     print(report.comparison(cmp))
@@ -199,8 +246,9 @@ def _export(args: argparse.Namespace) -> int:
 def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sparse-lowrank", "options of the sparse-lowrank pass (name it in --passes)")
     g.add_argument("--calib-data", metavar="DATA",
-                   help="calibration inputs: a dataset name (mnist, fashion-mnist), a .npy file of inputs of a "
-                        "one-input model, or a .npz file of arrays named after the model inputs")
+                   help="calibration inputs: a dataset name (mnist, fashion-mnist), a folder of images, "
+                        "module:function, a .npy file of inputs of a one-input model, or a .npz file of arrays "
+                        "named after the model inputs")
     g.add_argument("--calib-samples", type=_positive_int, metavar="N", help="calibration inputs to use (default 512)")
     g.add_argument("--target-speedup", type=float, metavar="X",
                    help="estimated onnxruntime speed-up to reach (default 2 unless --target-compression)")
@@ -217,7 +265,7 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
     """Constructor options of sparse-lowrank from the command line (None when none is given)."""
     opts: dict = {}
     if args.calib_data is not None:
-        opts["calib_data"] = _calib_data(args.calib_data)
+        opts["calib_data"] = _calib_data(args.calib_data, args)
     for name in ("calib_samples", "target_speedup", "target_compression", "finetune_epochs", "speed_check"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
@@ -229,27 +277,19 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
     return {"sparse_lowrank": opts}
 
 
-def _calib_data(text: str):
+def _calib_data(text: str, args: argparse.Namespace):
+    from onnxdns.sources import is_source_spec
+    from onnxdns.sources.arrays import read_arrays
+
     if text in DATA_CHOICES[1:]:
         return text
-    if text.endswith(".npz"):
-        import zipfile
-
-        import numpy as np
-
-        try:
-            with np.load(text) as npz:
-                return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
-    if text.endswith(".npy"):
-        import numpy as np
-
-        try:
-            return np.load(text)
-        except (OSError, ValueError) as e:
-            raise OnnxdnsError(f"{text}: cannot read calibration inputs: {e}") from None
-    raise OnnxdnsError(f"--calib-data: expected {', '.join(DATA_CHOICES[1:])}, a .npy or a .npz file, got '{text}'")
+    if text.endswith((".npz", ".npy")):
+        arrays = read_arrays(text, "calibration inputs")
+        return arrays[""] if text.endswith(".npy") else arrays
+    if is_source_spec(text):
+        return _open_data(text, args.input, args, split="train")
+    raise OnnxdnsError(f"--calib-data: expected {', '.join(DATA_CHOICES[1:])}, a folder of images, module:function, "
+                       f"a .npy or a .npz file, got '{text}'")
 
 
 def _print_sparse_lowrank(result) -> None:

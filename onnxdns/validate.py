@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxdns import data as data_module
-from onnxdns import inputs, runtime
+from onnxdns import inputs, runtime, sources
 from onnxdns.runtime import ort  # imported on first use: onnxdns[cpu], [cuda] or [train]
 from onnxdns.errors import OnnxdnsError
 
@@ -119,7 +119,10 @@ def compare(
     (``"mnist"``, ``"fashion-mnist"``: the test split, models need one input [N, 1, 28, 28]), a
     loaded dataset (an object with ``.images`` and ``.labels``), the path of a ``.npz`` file or
     a mapping of arrays named after the inputs (real inputs, given to the models as they are, in
-    one run; see :func:`read_inputs`). ``samples`` limits the number of inputs (default: the
+    one run; see :func:`read_inputs`), or another data source of
+    :func:`onnxdns.sources.open_source` (a folder of images, ``.npy``, ``module:function``, a
+    :class:`~onnxdns.sources.Source`: run batch by batch in its own order; labels give accuracy).
+    ``samples`` limits the number of inputs (default: the
     whole test split, or 256 random ones; at most ``MAX_SAMPLES``). ``latency_batches=()`` skips
     the latency measurement. ``data_dir`` and ``download`` go to :func:`onnxdns.data.load_dataset`.
 
@@ -134,11 +137,15 @@ def compare(
     if isinstance(data, inputs.InputPlan):
         plan, data = data, "random"
     acc = _Accumulator(sess_a, sess_b)
-    real = _real_inputs(data, sess_a)
+    real = None if is_user_source(data) else _real_inputs(data, sess_a)
     dataset = None
-    if real is not None:
-        data_name, feeds = real
-        acc.add(feeds, "the given inputs", _samples_in(feeds))
+    if is_user_source(data):
+        source = sources.open_source(data, sources.model_inputs(sess_a), split="test")
+        data_name = source.name
+        step, notes, lat_runs = _compare_source(acc, source, samples, batch, latency_batches)
+    elif real is not None:
+        data_name, feeds, labels = real
+        acc.add(feeds, "the given inputs", _samples_in(feeds), labels)
         step, notes = acc.samples, ()
         lat_runs: list[tuple[int, Any]] = [(step, feeds)] if latency_batches else []
     else:
@@ -147,7 +154,10 @@ def compare(
             plan = plan or inputs.plan_inputs(sess_a, batch=batch, probe=True, graph=model_a)
             step, notes, lat_runs = _compare_random(acc, plan, samples or RANDOM_SAMPLES, latency_batches)
         else:
-            step, notes, lat_runs = _compare_images(acc, dataset, data_name, samples, batch, latency_batches)
+            from onnxdns.sources.datasets import DatasetSource
+
+            source = DatasetSource(data_name, sources.model_inputs(sess_a), dataset=dataset)
+            step, notes, lat_runs = _compare_source(acc, source, samples, batch, latency_batches)
     rows = []
     for lb, lat_feeds in lat_runs:
         lat = measure_latency({"a": sess_a, "b": sess_b}, lat_feeds, repeats=repeats, warmup=warmup)
@@ -194,21 +204,65 @@ def _compare_random(acc: _Accumulator, plan: inputs.InputPlan, n: int,
     return step, notes, [(lb, plan.feeds(seed=12345, batch=lb)) for lb in kept]
 
 
-def _compare_images(acc: _Accumulator, dataset: Any, name: str, samples: int | None, batch: int,
+def _compare_source(acc: _Accumulator, source: sources.Source, samples: int | None, batch: int,
                     latency_batches: Sequence[int]) -> tuple[int, tuple[str, ...], LatencyRuns]:
-    """Compare on a dataset's images (a fixed-batch model gets its last batch zero-padded)."""
+    """Compare on a :class:`~onnxdns.sources.Source`'s batches, in its own order, up to ``samples``
+    samples (a fixed-batch model gets batches of its size; a short last batch is zero-padded when
+    it has labels to count, else left out). Latency is timed on the first samples at each of
+    ``latency_batches`` (repeated when the source has fewer)."""
     fixed_batch = _fixed_batch(acc.sess_a)
     step = fixed_batch or batch
-    images = np.asarray(dataset.images, dtype=np.float32)
-    n = min(samples or len(images), len(images))
-    images, labels = images[:n], np.asarray(dataset.labels)[:n]
-    for i in range(0, n, step):
-        chunk = images[i:i + step]
-        count = len(chunk)
-        if fixed_batch is not None and count < step:
-            chunk = np.concatenate([chunk, np.zeros((step - count, *IMAGE_SHAPE), np.float32)])
-        acc.add([chunk], f"{name} images", count, labels[i:i + count])
-    return step, (), [(lb, [_latency_images(dataset, lb)]) for lb in _latency_batches(latency_batches, fixed_batch)]
+    wanted = samples or MAX_SAMPLES
+    first = None
+    notes: tuple[str, ...] = ()
+    for b in source.batches(step):
+        count = min(len(b), wanted - acc.samples)
+        b = b.take(count)
+        feeds, labels = b.inputs, b.labels
+        if fixed_batch is not None and count < fixed_batch:
+            if labels is None:
+                notes = (f"the last {count} samples are left out: the model takes batches of exactly {fixed_batch}",)
+                break
+            feeds = {k: _pad(v, b.axis(k), fixed_batch) for k, v in feeds.items()}
+        acc.add(feeds, f"{source.name} {source.unit}", count, labels)
+        first = len(b) if first is None else first
+        if acc.samples >= wanted:
+            break
+    if first is None:
+        raise OnnxdnsError(f"{source.name}: no samples to compare on")
+    if not isinstance(source, sources.IndexedSource):
+        step = first  # a function's batches are its own
+    return step, notes, [(lb, _first_samples(source, lb)) for lb in _latency_batches(latency_batches, fixed_batch)]
+
+
+def _pad(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``array`` zero-padded to ``size`` samples on ``axis``."""
+    shape = list(array.shape)
+    shape[axis] = size - shape[axis]
+    return np.concatenate([array, np.zeros(shape, array.dtype)], axis=axis)
+
+
+def _first_samples(source: sources.Source, n: int) -> dict[str, np.ndarray]:
+    """Feeds of exactly ``n`` samples: the source's first ones, repeated when it has fewer."""
+    parts: list[sources.Batch] = []
+    have = 0
+    for b in source.batches(n):
+        parts.append(b)
+        have += len(b)
+        if have >= n:
+            break
+    feeds = {}
+    for k in parts[0].inputs:
+        axis = parts[0].axis(k)
+        v = np.concatenate([p.inputs[k] for p in parts], axis=axis)
+        feeds[k] = np.take(v, np.arange(n) % v.shape[axis], axis=axis)
+    return feeds
+
+
+def is_user_source(data: Any) -> bool:
+    """True for a :class:`~onnxdns.sources.Source`, or a folder, ``.npy`` or ``module:function``
+    spec (a ``.npz`` runs as given, in one run: see :func:`read_inputs`)."""
+    return sources.is_source_spec(data) and not is_inputs_file(data)
 
 
 #: Largest ``samples`` and ``repeats`` accepted (beyond them a run takes hours, not a validation).
@@ -273,6 +327,9 @@ class _Accumulator:
         if top_a is None or top_b is None:
             self.top1 = False
             return
+        if labels is not None and len(labels) and int(labels.max()) >= a[0].shape[1]:
+            raise OnnxdnsError(f"label {int(labels.max())} out of range 0..{a[0].shape[1] - 1} (the model's "
+                               f"{a[0].shape[1]} outputs per sample)")
         self.agree += int(np.sum(top_a == top_b))
         self.top1_rows += len(top_a)
         if labels is not None and len(labels) == len(top_a):
@@ -410,20 +467,14 @@ def _resolve_data(data: str | Any, data_dir: str | os.PathLike | None, download:
 
 
 def read_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Real model inputs from a ``.npz`` file: one array per graph input, named after it.
-
-    The one place that reads user-given inputs (other formats can be added here).
+    """Real model inputs from a ``.npz`` file: one array per graph input, named after it, and an
+    optional ``labels`` (read by :func:`onnxdns.sources.arrays.read_arrays`: no pickle, members
+    memory-mapped). Other sources (folders, ``.npy``, functions) go through
+    :func:`onnxdns.sources.open_source`.
     """
-    p = os.fspath(path)
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {name: f[name] for name in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise OnnxdnsError(f"{p}: cannot read inputs (a .npz file with one array per model input): "
-                           f"{getattr(e, 'strerror', None) or e}") from None
-    if not arrays:
-        raise OnnxdnsError(f"{p}: no arrays; save one per model input, named after it (numpy.savez)")
-    return arrays
+    from onnxdns.sources.arrays import read_arrays
+
+    return read_arrays(path, "inputs (a .npz file with one array per model input)")
 
 
 def is_inputs_file(data: Any) -> bool:
@@ -455,25 +506,27 @@ def check_inputs(model: ModelLike, feeds: Mapping[str, np.ndarray], origin: str 
             raise OnnxdnsError(f"{origin}: array {inp.name} has shape {list(arr.shape)}, the model input is [{shown}]")
 
 
-def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray]] | None:
-    """(name, feeds) for real inputs (a ``.npz`` path or a mapping of arrays), else None."""
+def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray], np.ndarray | None] | None:
+    """(name, feeds, labels or None) for real inputs (a ``.npz`` path, optionally with an array
+    ``labels``, or a mapping of arrays), else None."""
+    labels = None
     if is_inputs_file(data):
         feeds = read_inputs(data)
         name = os.path.basename(os.fspath(data))
+        if "labels" in feeds and "labels" not in [i.name for i in sess.get_inputs()]:
+            labels = feeds.pop("labels")
     elif isinstance(data, Mapping):
         feeds, name = {k: np.asarray(v) for k, v in data.items()}, "given inputs"
     else:
         return None
     check_inputs(sess, feeds, name)
     types = {i.name: runtime.numpy_dtype(i.type) for i in sess.get_inputs()}
-    return name, {k: v if types[k] is None else v.astype(types[k], copy=False) for k, v in feeds.items()}
+    feeds = {k: np.asarray(v if types[k] is None else v.astype(types[k], copy=False)) for k, v in feeds.items()}
+    if labels is not None:
+        from onnxdns.sources.base import check_labels
 
-
-def _latency_images(dataset: Any, n: int) -> np.ndarray:
-    images = np.asarray(dataset.images[:n], dtype=np.float32)
-    if len(images) < n:
-        images = np.resize(images, (n, *IMAGE_SHAPE))
-    return images
+        labels = check_labels(np.asarray(labels), _samples_in(feeds), None, name)
+    return name, feeds, labels
 
 
 def _session(model: ModelLike, providers: Sequence[str], threads: int, *, spinning: bool = True) -> ort.InferenceSession:
@@ -532,9 +585,11 @@ def _run_a(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequenc
 
 
 def _fixed_batch(sess: ort.InferenceSession) -> int | None:
-    """The first input's leading dimension when it is a fixed integer, else None."""
-    shape = sess.get_inputs()[0].shape if sess.get_inputs() else []
-    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    """The first input's batch dimension (:func:`onnxdns.sources.model.batch_axis`: N of
+    [N, C, H, W], batch of [seq, batch, d]) when it is a fixed integer, else None."""
+    first = sources.model_inputs(sess)[:1]
+    size = first[0].dims[first[0].batch_axis] if first and first[0].dims else None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _latency_batches(requested: Sequence[int], fixed: int | None) -> list[int]:

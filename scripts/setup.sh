@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $python"
   "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, torch, onnx_graphsurgeon, pytest' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, torch, onnx_graphsurgeon, pytest, PIL' >/dev/null 2>&1; then
   echo "==> installing onnxdns[train,zoo,test] and its pinned stack into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[train,zoo,test]' -c scripts/constraints-full.txt

@@ -23,7 +23,7 @@ if [ ! -x .venv-core/bin/python ]; then
   echo "==> creating .venv-core with $python"
   "$python" -m venv .venv-core
 fi
-if ! .venv-core/bin/python -c 'import onnxdns, onnxruntime, onnx_graphsurgeon, pytest' >/dev/null 2>&1; then
+if ! .venv-core/bin/python -c 'import onnxdns, onnxruntime, onnx_graphsurgeon, pytest, PIL' >/dev/null 2>&1; then
   echo "==> installing onnxdns[cpu,test] with the newest onnx, onnx-ir and onnxruntime into .venv-core"
   .venv-core/bin/python -m pip install -q --upgrade pip
   .venv-core/bin/python -m pip install -q --upgrade -e '.[cpu,test]'

@@ -33,7 +33,8 @@ def test_core_dependencies_leave_the_runtime_and_torch_to_extras():
         return {r.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip()
                 for r in requirements}
 
-    assert names(project["dependencies"]) == {"onnx", "onnx-ir", "numpy", "tqdm"}
+    # pillow: folders of images as data (onnxdns/sources/images.py)
+    assert names(project["dependencies"]) == {"onnx", "onnx-ir", "numpy", "tqdm", "pillow"}
     extras = project["optional-dependencies"]
     assert names(extras["cpu"]) == {"onnxruntime"} and names(extras["cuda"]) == {"onnxruntime-gpu"}
     assert names(extras["train"]) == {"onnxruntime-training-cpu", "onnx", "torch"}

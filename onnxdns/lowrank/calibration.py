@@ -29,6 +29,8 @@ import onnx_ir as ir
 from onnxdns import runtime
 from onnxdns.errors import OnnxdnsError
 from onnxdns.lowrank.layers import Geometry, Layer
+from onnxdns.sources import ModelInput, Source, is_source_spec, open_source
+from onnxdns.sources.model import batch_axis
 
 #: Bytes of activations one capture batch may hold (sets the batch size).
 BATCH_BYTES = 1 << 28
@@ -80,20 +82,12 @@ def input_specs(model: onnx.ModelProto | ir.Model) -> list[InputSpec]:
     return specs
 
 
-_BATCH_NAMES = ("batch", "n", "b", "bs", "batch_size", "n_batch", "unk__0")
-
-
 def _spec(name: str, elem_type: int, dims: tuple) -> InputSpec:
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, TypeError, ValueError):
         raise OnnxdnsError(f"sparse-lowrank: input '{name}' has an unsupported type ({elem_type})") from None
-    axis = next((i for i, d in enumerate(dims) if isinstance(d, str) and d.lower() in _BATCH_NAMES), None)
-    if axis is None:
-        axis = next((i for i, d in enumerate(dims) if "batch" in str(d).lower() and not isinstance(d, int)), None)
-    if axis is None:
-        axis = next((i for i, d in enumerate(dims) if not isinstance(d, int) or d <= 0), 0)
-    return InputSpec(name, dtype, dims, axis if dims else 0)
+    return InputSpec(name, dtype, dims, batch_axis(dims))
 
 
 @dataclasses.dataclass
@@ -142,8 +136,10 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
     bilinearly to the model's H x W and repeated over its channels; one image input), an array of
     inputs for a one-input model (images ``[N, 1 or C, h, w]`` are resized the same way), or a
     mapping (a dict, or the ``NpzFile`` of an ``.npz``) from input names to arrays, samples
-    stacked on each input's batch axis. Arrays are cast to the input types (integers and booleans
-    only from integer or boolean data).
+    stacked on each input's batch axis, or any data source of :func:`onnxdns.sources.open_source`
+    (a folder of images, ``module:function``, an opened :class:`~onnxdns.sources.Source`: its
+    first ``samples`` samples in the order of ``seed``). Arrays are cast to the input types
+    (integers and booleans only from integer or boolean data).
     """
     if samples < 1:
         raise OnnxdnsError(f"calibration needs at least one sample, got {samples}")
@@ -157,6 +153,11 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
             [runtime.input_feeds(model, batch=step, seed=seed + i) for i in range(-(-samples // step))]
         arrays = {s.name: np.concatenate([r[s.name] for r in runs], axis=axes[s.name]) for s in specs}
         return _whole(Inputs(arrays, axes, step).slice(0, samples)), "random (runtime.input_feeds)"
+    if isinstance(calib_data, Source) or (isinstance(calib_data, str) and is_source_spec(calib_data)
+                                          and not calib_data.endswith((".npz", ".npy"))):
+        calib_data, origin = _gather(calib_data, specs, samples, seed)
+    else:
+        origin = None
     if isinstance(calib_data, str):
         spec = _single(specs, f"the dataset '{calib_data}'")
         shape = tuple(spec.dims[1:])
@@ -193,7 +194,25 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
             raise OnnxdnsError(f"calibration array for input '{name}' holds NaN or infinite values")
     inputs = _whole(Inputs(arrays, axes, step).slice(0, samples))
     kind = "array" if len(arrays) == 1 else "arrays"
-    return inputs, f"{kind} ({len(inputs)} samples)"
+    return inputs, f"{origin or kind} ({len(inputs)} samples)"
+
+
+def _gather(data: Any, specs: Sequence[InputSpec], samples: int, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """The first ``samples`` samples of a data source (shuffled by ``seed``), stacked per input."""
+    inputs = [ModelInput(s.name, s.dtype, s.dims, s.batch_axis) for s in specs]
+    source = open_source(data, inputs)
+    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
+    have = 0
+    for batch in source.batches(min(samples, 256), seed=seed):
+        take = min(samples - have, len(batch))
+        for s in specs:
+            parts[s.name].append(_take(batch.inputs[s.name], s.batch_axis, 0, take))
+        have += take
+        if have >= samples:
+            break
+    if not have:
+        raise OnnxdnsError(f"{source.name}: no calibration samples")
+    return {s.name: np.concatenate(parts[s.name], axis=s.batch_axis) for s in specs}, source.name
 
 
 def static_batch(specs: Sequence[InputSpec]) -> int | None:
