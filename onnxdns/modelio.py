@@ -147,10 +147,33 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
     for src in protect:
         if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
             raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if out.is_dir():
+    check_output_file(out)
+    try:
+        _write(model, out)
+    except OSError as e:  # a full disk, a read-only or vanished folder, a name too long...
+        raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
+    return out
+
+
+def check_output_file(out: Path) -> None:
+    """Raise unless ``out`` can be replaced by a model file: its folder exists, and it does not
+    exist or is a regular file (a FIFO or a device such as /dev/null would be replaced by a file)."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OnnxdnsError(f"{out}: unusable output path: {e.strerror or e}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise OnnxdnsError(f"{out}: is a directory; give an output file name")
-    if not out.parent.exists():
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OnnxdnsError(f"{out}: exists and is not a regular file (a FIFO, socket or device); "
+                           "give the path of a file")
+    if not out.parent.is_dir():
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
+
+
+def _write(model: onnx.ModelProto, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -166,7 +189,6 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 # --------------------------------------------------------------------------- ONNX <-> onnx-ir

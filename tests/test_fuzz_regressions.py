@@ -303,3 +303,310 @@ def test_unreadable_and_too_long_input_paths(tmp_path, capsys):
     assert_user_error(code, err, "File name too long")
     code, _, err = run(capsys, "validate", path, tmp_path / ("x" * 300 + ".onnx"))
     assert_user_error(code, err, "File name too long")
+
+
+# --------------------------------------------------------------------------- arguments out of range
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "{m}", "-o", "{o}", "--epochs", "nan"], "argument --epochs: expected a finite number > 0"),
+    (["train", "{m}", "-o", "{o}", "--epochs", "inf"], "argument --epochs"),
+    (["train", "{m}", "-o", "{o}", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["train", "{m}", "-o", "{o}", "--weight-decay", "nan"], "argument --weight-decay"),
+    (["train", "{m}", "-o", "{o}", "--dns-gamma", "nan"], "argument --dns-gamma"),
+    (["train", "{m}", "-o", "{o}", "--lr-step", "0"], "argument --lr-step"),
+    (["slim", "{m}", "-o", "{o}", "--finetune-epochs", "nan"], "argument --finetune-epochs"),
+    (["slim", "{m}", "-o", "{o}", "--threshold", "nan"], "argument --threshold"),
+    (["optimize", "{m}", "-o", "{o}", "--finetune-epochs", "nan"], "argument --finetune-epochs"),
+    (["optimize", "{m}", "-o", "{o}", "--target-speedup", "nan"], "argument --target-speedup"),
+    (["optimize", "{m}", "-o", "{o}", "--target-compression", "inf"], "argument --target-compression"),
+])
+def test_numbers_out_of_range_are_usage_errors(args, fragment, model_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, _, err = run(capsys, *[a.format(m=model_file, o=out) for a in args])
+    assert_user_error(code, err, fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "slim"])
+@pytest.mark.parametrize("threads", ["100000", "-1", "257"])
+def test_thread_counts_are_bounded(command, threads, model_file, tmp_path):
+    """--threads 100000 killed the process with SIGSEGV (so this runs in a subprocess)."""
+    args = [model_file, model_file] if command == "validate" else [model_file, "-o", tmp_path / "out.onnx"]
+    proc = _cli(command, *args, "--threads", threads, "--repeats" if command == "validate" else "--no-progress",
+                *(["1"] if command == "validate" else []))
+    _assert_one_line_exit_2(proc, "argument --threads: expected an integer in [0, 256]")
+
+
+@pytest.mark.parametrize("option", [dict(weight_decay=float("nan")), dict(dns_gamma=float("nan")),
+                                    dict(epochs=float("inf")), dict(seed=-1), dict(lr=0.0), dict(iterations=0)])
+def test_train_api_refuses_nonsense_numbers(option, model_file, tmp_path):
+    from onnxdns.training import api as train_api
+
+    with pytest.raises(OnnxdnsError, match=next(iter(option))):
+        train_api.train(model_file, tmp_path / "out.onnx", progress=False, **option)
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save_model(tiny_model(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- calibration inputs
+
+
+def _npy(tmp_path: Path, name: str, array: np.ndarray) -> Path:
+    path = tmp_path / name
+    np.save(path, array, allow_pickle=True)
+    return path
+
+
+@pytest.mark.parametrize("name, array, fragment", [
+    ("inf.npy", np.where(np.arange(784) == 5, np.inf, 0.5).astype(np.float32)[None].repeat(4, 0), "infinite"),
+    ("nan.npy", np.full((4, 784), np.nan, np.float32), "NaN"),
+    ("huge.npy", np.full((4, 784), 1e300), "infinite value(s) in float32"),
+    ("empty.npy", np.zeros((0, 784), np.float32), "empty"),
+    ("strings.npy", np.array([["a", "b"]]), "must hold numbers, got dtype <U1"),
+    ("record.npy", np.zeros((4, 2), dtype=[("a", "f4"), ("b", "i4")]), "must hold numbers"),
+    ("objects.npy", np.array([[{"a": 1}]], dtype=object), "allow_pickle=False"),
+])
+def test_bad_calibration_arrays(name, array, fragment, model_file, tmp_path, capsys):
+    path = _npy(tmp_path, name, array)
+    out = tmp_path / "out.onnx"
+    code, _, err = run(capsys, "optimize", model_file, "-o", out, "--passes", "sparse-lowrank", "--calib-data", path)
+    assert_user_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_calibration_fifo_is_refused_without_blocking(model_file, tmp_path):
+    os.mkfifo(tmp_path / "calib.npy")
+    proc = _cli("optimize", model_file, "-o", tmp_path / "out.onnx", "--passes", "sparse-lowrank", "--calib-data",
+                tmp_path / "calib.npy", timeout=60)
+    _assert_one_line_exit_2(proc, "regular .npy file")
+
+
+def test_calibration_samples_beyond_memory(model_file, tmp_path, capsys):
+    code, _, err = run(capsys, "optimize", model_file, "-o", tmp_path / "out.onnx", "--passes", "sparse-lowrank",
+                       "--calib-samples", "1000000000")
+    assert_user_error(code, err, "use fewer calibration samples")
+
+
+def test_calibration_inputs_api_checks_values():
+    from onnxdns.lowrank.calibration import calibration_inputs
+
+    with pytest.raises(OnnxdnsError, match="NaN or infinite"):
+        calibration_inputs(np.full((3, 4), np.inf), (4,), 3)
+    x, _ = calibration_inputs(np.ones((3, 4), np.int64), (4,), 2)
+    assert x.dtype == np.float32 and x.shape == (2, 4)
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def test_output_onto_a_fifo_or_device_is_refused(model_file, tmp_path, capsys):
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    targets = [fifo]
+    if os.geteuid() == 0:
+        import stat
+
+        device = tmp_path / "null"
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a second /dev/null
+        targets.append(device)
+    for target in targets:
+        kind = os.stat(target).st_mode
+        for args in (["optimize", model_file, "-o", target, "--no-validate"], ["export", "lenet-5", "-o", target],
+                     ["train", model_file, "-o", target, "--iterations", "1", "--subset", "64", "--test-subset", "10"]):
+            code, _, err = run(capsys, *args)
+            assert_user_error(code, err, "not a regular file")
+            assert os.stat(target).st_mode == kind
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (mounting needs root)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_writing_onto_a_full_disk(full_disk, tmp_path, capsys):
+    lenet = tmp_path / "lenet.onnx"
+    assert run(capsys, "export", "lenet-300-100", "-o", lenet)[0] == 0  # 1 MB: more than the disk holds
+    for args in (["export", "lenet-300-100", "-o", full_disk / "m.onnx"],
+                 ["optimize", lenet, "-o", full_disk / "m.onnx", "--no-validate"]):
+        code, _, err = run(capsys, *args)
+        assert_user_error(code, err, "No space left on device")
+        assert os.listdir(full_disk) == []  # no partial or temporary file left
+
+
+def test_non_utf8_file_name_under_an_ascii_terminal(tmp_path):
+    """The summary prints the name with backslash escapes instead of failing after the write."""
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/in\xff.onnx"))
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out\xff.onnx"))
+    onnx.save_model(tiny_model(), src)
+    env = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C"}
+    proc = _cli("optimize", src, "-o", out, "--no-validate", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert b"in\\udcff.onnx" in proc.stdout and out.exists()
+    proc = _cli("inspect", Path(os.fsdecode(bytes(tmp_path) + b"/missing\xff.onnx")), env=env)
+    _assert_one_line_exit_2(proc, "missing\\udcff.onnx: no such file")
+
+
+# --------------------------------------------------------------------------- one line on stderr
+
+
+def test_numpy_warnings_do_not_reach_stderr(tmp_path):
+    """An infinite weight makes the optimized model's validation fail (exit 3) after a numpy
+    RuntimeWarning inside a pass: stderr holds the one error line only."""
+    model = tiny_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((784, 10), np.inf, np.float32), "W"))
+    src = tmp_path / "inf.onnx"
+    onnx.save_model(model, src)
+    proc = _cli("optimize", src, "-o", tmp_path / "out.onnx")
+    err = proc.stderr.decode()
+    assert proc.returncode == 3 and err.count("\n") == 1 and err.startswith("onnxdns: error: validation failed"), err
+
+
+@pytest.mark.xfail(strict=True, reason="onnxdns.runtime.session sets log_severity_level=3 on every inference "
+                                       "session, which overrides the CLI's default logger severity; that file "
+                                       "belongs to the validation rewrite (needs level 4 or the default)")
+def test_onnxruntime_log_does_not_reach_stderr(tmp_path):
+    """A Gemm whose weight does not fit the declared input fails inside onnxruntime."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 100])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [numpy_helper.from_array(W, "W")])
+    src = tmp_path / "bad.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    proc = _cli("validate", src, src, "--repeats", "1")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.count("\n") == 1 and "onnxruntime failed" in err, err
+
+
+# --------------------------------------------------------------------------- training run folders
+
+TINY_RUN = ["--iterations", "4", "--subset", "256", "--test-subset", "100", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory) -> Path:
+    from onnxdns.models import export_model
+
+    return export_model("lenet-300-100", tmp_path_factory.mktemp("zoo") / "lenet.onnx")
+
+
+@pytest.fixture(scope="module")
+def finished_run(lenet, tmp_path_factory) -> Path:
+    """The checkpoint folder of a 4-step DNS run of LeNet-300-100 on 256 MNIST images."""
+    from onnxdns.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run.onnx"
+    assert main(["train", str(lenet), "-o", str(out), *TINY_RUN]) == 0
+    return out.with_name("run.ckpt")
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def _resume(capsys, ckpt: Path) -> tuple[int, str, str]:
+    return run(capsys, "train", "--resume", ckpt, "-o", ckpt.with_name("resumed.onnx"), "--no-progress")
+
+
+def test_untouched_checkpoint_resumes(run_copy, capsys):
+    code, _, err = _resume(capsys, run_copy)
+    assert code == 0, err
+    assert run_copy.with_name("resumed.onnx").exists()
+
+
+def test_flipped_bit_in_checkpoint_weights_is_detected(run_copy, capsys):
+    from onnxdns.training import loop
+
+    ort_ckpt, state = loop.checkpoint_paths(run_copy)
+    data = bytearray(ort_ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x04  # inside fc1's 266,000 weights (most of the file)
+    ort_ckpt.write_bytes(bytes(data))
+    code, _, err = _resume(capsys, run_copy)
+    assert_user_error(code, err, "do not match the checksum")
+    assert not run_copy.with_name("resumed.onnx").exists()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda text, data: text[: len(text) // 2], "unreadable JSON"),
+    (lambda text, data: "{}", "missing key(s) epoch_stats, history, hooks, step"),
+    (lambda text, data: "[]", "expected a JSON object"),
+    (lambda text, data: __import__("json").dumps({**data, "step": "ten"}), "step must be an integer, got 'ten'"),
+    (lambda text, data: __import__("json").dumps({**data, "colour": 1}), "unknown key(s) colour"),
+    (lambda text, data: __import__("json").dumps({**data, "step": 10**6}), "beyond this run's 4 steps"),
+    (lambda text, data: __import__("json").dumps({**data, "hooks": [{}]}), "method state"),
+    (lambda text, data: __import__("json").dumps({**data, "history": [{"epoch": 1}]}), "history"),
+])
+def test_damaged_checkpoint_metadata_is_one_line_naming_the_file(edit, fragment, run_copy, capsys):
+    import json
+
+    from onnxdns.training import loop
+
+    _, state = loop.checkpoint_paths(run_copy)
+    text = state.read_text()
+    state.write_text(edit(text, json.loads(text)))
+    code, _, err = _resume(capsys, run_copy)
+    assert_user_error(code, err, fragment)
+    assert str(state) in err
+    assert not run_copy.with_name("resumed.onnx").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{", "damaged run file"), ("{}", "no 'config' object"), ('{"config": {"colour": 1}}', "damaged run file"),
+])
+def test_damaged_run_file_is_one_line(content, fragment, run_copy, capsys):
+    (run_copy / "run.json").write_text(content)
+    code, _, err = _resume(capsys, run_copy)
+    assert_user_error(code, err, fragment)
+    assert "run.json" in err
+
+
+def test_checkpoint_dir_that_is_a_file(model_file, tmp_path, capsys):
+    (tmp_path / "ck").write_text("not a folder")
+    code, _, err = run(capsys, "train", model_file, "-o", tmp_path / "o.onnx", "--checkpoint-dir", tmp_path / "ck")
+    assert_user_error(code, err, "is not a folder")
+
+
+def test_run_killed_before_its_first_checkpoint_can_be_restarted(lenet, tmp_path, capsys, caplog):
+    """SIGKILL after the run folder is set up (run.json written) but before the first checkpoint
+    (epoch 1 of full MNIST takes 937 steps): --resume says to start over, which then works."""
+    import signal
+    import time
+
+    out = tmp_path / "k.onnx"
+    ckpt = tmp_path / "k.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxdns", "train", str(lenet), "-o", str(out), "--iterations",
+                             "3000", "--threads", "1", "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "run.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (ckpt / "run.json").exists() and not (ckpt / "state").exists()
+    code, _, err = run(capsys, "train", "--resume", ckpt, "--no-progress")
+    assert_user_error(code, err, "stopped before its first checkpoint, there is nothing to resume")
+    code, _, err = run(capsys, "train", lenet, "-o", out, *TINY_RUN)
+    assert code == 0, err
+    assert out.exists() and (ckpt / "state" / "trainer.json").exists()
+    assert "holds a run stopped before its first checkpoint; starting it over" in caplog.text

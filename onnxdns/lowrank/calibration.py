@@ -26,6 +26,8 @@ from onnxdns.lowrank.layers import Geometry, Layer
 
 #: Bytes of activations one capture batch may hold (sets the batch size).
 BATCH_BYTES = 1 << 28
+#: Largest float32 calibration input array (samples x input size) that calibration accepts.
+MAX_CALIBRATION_BYTES = 1 << 32
 
 
 def model_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
@@ -65,21 +67,48 @@ def calibration_inputs(calib_data: Any, shape: tuple[int, ...], samples: int, *,
     if samples < 1:
         raise OnnxdnsError(f"calibration needs at least one sample, got {samples}")
     if calib_data is None:
+        _check_size(samples, shape)
         rng = np.random.default_rng(seed)
         return rng.standard_normal((samples, *shape)).astype(np.float32), "random (standard normal)"
     if isinstance(calib_data, str):
         from onnxdns.data import load_dataset, subset
 
         ds = load_dataset(calib_data, "train", data_dir=data_dir)
+        _check_size(min(samples, len(ds)), shape)
         ds = subset(ds, min(samples, len(ds)), seed)
         return fit_images(np.asarray(ds.images, np.float32), shape), f"{calib_data} train ({len(ds)} images)"
-    array = np.asarray(calib_data, dtype=np.float32)
-    if array.ndim < 2:
-        raise OnnxdnsError(f"calibration array must be [N, ...], got shape {list(array.shape)}")
-    array = array[:samples]
+    array = _checked_array(calib_data, samples)
+    _check_size(len(array), shape)
     if tuple(array.shape[1:]) != tuple(shape):
         array = fit_images(array, shape)
     return np.ascontiguousarray(array), f"array ({len(array)} samples)"
+
+
+def _checked_array(calib_data: Any, samples: int) -> np.ndarray:
+    """The first ``samples`` rows of a user's calibration array as float32, refusing what would
+    make calibration fail or silently wrong: strings, objects, structured records, no samples,
+    NaN or infinity (also after the float32 conversion, e.g. 1e300)."""
+    array = np.asarray(calib_data)
+    if array.dtype.fields is not None or array.dtype.kind not in "biuf":
+        raise OnnxdnsError(f"calibration array must hold numbers, got dtype {array.dtype}")
+    if array.ndim < 2:
+        raise OnnxdnsError(f"calibration array must be [N, ...], got shape {list(array.shape)}")
+    if array.size == 0:
+        raise OnnxdnsError(f"calibration array is empty (shape {list(array.shape)})")
+    array = array[:samples].astype(np.float32)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise OnnxdnsError(f"calibration array holds {int(bad.sum())} NaN or infinite value(s) in float32 "
+                           f"(first at index {list(map(int, np.argwhere(bad)[0]))})")
+    return array
+
+
+def _check_size(samples: int, shape: tuple[int, ...]) -> None:
+    """Refuse calibration inputs that would not fit in memory (float32 at the model's input size)."""
+    size = samples * math.prod(shape) * 4
+    if size > MAX_CALIBRATION_BYTES:
+        raise OnnxdnsError(f"{samples} calibration inputs of shape {list(shape)} need {size / 2**30:.1f} GiB "
+                           f"(at most {MAX_CALIBRATION_BYTES / 2**30:.0f} GiB); use fewer calibration samples")
 
 
 def fit_images(images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
