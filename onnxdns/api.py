@@ -233,6 +233,7 @@ def _check_output_path(src: Path, out: Path) -> None:
         raise OnnxdnsError(f"{out}: is a directory; give an output file name")
     if not out.parent.exists():
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
+    modelio.check_output_file(out)
 
 
 def _reason(e: BaseException) -> str:

@@ -9,14 +9,16 @@ extra (one line on stderr), 3 validation of an optimized model failed (the outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from onnxdns import __version__, extras
+from onnxdns import __version__, argtypes, extras
 from onnxdns.data import DATASETS
 from onnxdns.errors import OnnxdnsError
 from onnxdns.slimming_cli import add_slim_arguments, run_slim
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=32)
     p.add_argument("--samples", type=_positive_int, help="number of samples (default: test split, or 256 random)")
     p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per model and batch size")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
+    p.add_argument("--threads", type=argtypes.threads, default=0,
+                   help=f"onnxruntime intra-op threads, 0 to {argtypes.MAX_THREADS} (0: onnxruntime decides)")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("passes", parents=[common], help="list the registered passes")
@@ -250,11 +253,11 @@ def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
                         "module:function, a .npy file of inputs of a one-input model, or a .npz file of arrays "
                         "named after the model inputs")
     g.add_argument("--calib-samples", type=_positive_int, metavar="N", help="calibration inputs to use (default 512)")
-    g.add_argument("--target-speedup", type=float, metavar="X",
+    g.add_argument("--target-speedup", type=argtypes.real(1.0, low_open=True), metavar="X",
                    help="estimated onnxruntime speed-up to reach (default 2 unless --target-compression)")
-    g.add_argument("--target-compression", type=float, metavar="X",
+    g.add_argument("--target-compression", type=argtypes.real(1.0, low_open=True), metavar="X",
                    help="parameter reduction to reach (instead, or as well)")
-    g.add_argument("--finetune-epochs", type=float, metavar="E",
+    g.add_argument("--finetune-epochs", type=argtypes.non_negative_real, metavar="E",
                    help="fine-tune the split model with onnxruntime-training on --calib-data (a dataset name)")
     g.add_argument("--no-speed-check", dest="speed_check", action="store_false", default=None,
                    help="do not time the split model against its input (by default splits that do not make "
@@ -345,6 +348,58 @@ class _StderrHandler(logging.Handler):
 
 # --------------------------------------------------------------------------- entry point
 
+#: Commands that run onnxruntime (whose C++ log is silenced, see _quiet_onnxruntime).
+_ONNXRUNTIME_COMMANDS = ("optimize", "validate", "train", "slim")
+#: OSErrors without a file name that still mean "your disk or your limits", not a bug.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                       errno.ENAMETOOLONG, errno.EMFILE}
+
+
+@contextlib.contextmanager
+def _robust_output() -> Iterator[None]:
+    """Printing never fails: characters the terminal's encoding lacks (a file name with invalid
+    UTF-8 bytes under LC_ALL=C, say) are written as backslash escapes instead of raising."""
+    saved = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        if errors is not None and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="backslashreplace")
+                saved.append((stream, errors))
+    try:
+        yield
+    finally:
+        for stream, errors in saved:
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors=errors)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Route Python warnings (numpy RuntimeWarnings, torch, onnx-ir) to logging and keep them, and
+    onnx-ir's log, off stderr unless --debug: an error must print just its one line."""
+    loggers = [logging.getLogger(name) for name in ("py.warnings", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    logging.captureWarnings(True)
+    if not debug:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quiet_onnxruntime(debug: bool) -> None:
+    """onnxruntime's default logger (every session, inference and training, that does not set its
+    own level) prints only fatal errors; its errors reach the user as exceptions, in one line."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3 if debug else 4)
+
+
 
 def _error(message: str) -> None:
     print(f"onnxdns: error: {' '.join(message.split())}", file=sys.stderr)
@@ -352,8 +407,13 @@ def _error(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
-    parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    with _robust_output(), _quiet_libraries(debug):
+        return _main(argv, debug)
+
+
+def _main(argv: Sequence[str] | None, debug: bool) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -362,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         part = _required_part(args)
         if part is not None:
             extras.require(part, f"onnxdns {args.command}")
+        if args.command in _ONNXRUNTIME_COMMANDS:
+            _quiet_onnxruntime(debug)
         return args.func(args)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else EXIT_OK
@@ -375,14 +437,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if e.filename is None and e.errno not in _ENVIRONMENT_ERRNOS:
+            return _internal_error(e, debug)
+        # the operating system refused a path the user gave (or space on its disk): a user mistake
+        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+        _error(f"{where}{e.strerror or e}")
+        return EXIT_USAGE
     except Exception as e:
         part = extras.part_of_import_error(e) if isinstance(e, ModuleNotFoundError) else None
         if part is not None and not debug:  # an optional part that the checks above did not foresee
             _error(str(extras.error_for(part, "this command")))
             return EXIT_USAGE
-        if debug:
-            traceback.print_exc()
-        else:
-            first = str(e).strip().splitlines()
-            _error(f"internal error: {type(e).__name__}: {first[0] if first else ''} (rerun with --debug for the traceback)")
-        return EXIT_INTERNAL
+        return _internal_error(e, debug)
+
+
+def _internal_error(e: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        first = str(e).strip().splitlines()
+        _error(f"internal error: {type(e).__name__}: {first[0] if first else ''} (rerun with --debug for the traceback)")
+    return EXIT_INTERNAL

@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
+from onnxdns.external_data import load_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -138,26 +141,39 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Read and check an ONNX file; any user mistake becomes a one-line :class:`OnnxdnsError`."""
+    """Read and check an ONNX file; any user mistake becomes a one-line :class:`OnnxdnsError`.
+
+    External tensor data is read from the model's folder only (see :mod:`onnxdns.external_data`);
+    ``check`` also runs onnx.checker and :mod:`onnxdns.modelcheck`.
+    """
     p = Path(path)
-    if not p.exists():
-        raise OnnxdnsError(f"{p}: no such file")
-    if p.is_dir():
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise OnnxdnsError(f"{p}: no such file") from None
+    except OSError as e:
+        raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise OnnxdnsError(f"{p}: is a directory, not an ONNX file")
-    if p.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise OnnxdnsError(f"{p}: not a regular file (a FIFO, socket or device), not an ONNX file")
+    if st.st_size == 0:
         raise OnnxdnsError(f"{p}: empty file, not an ONNX model")
     try:
         model = onnx.load_model(str(p), load_external_data=False)
+    except OSError as e:
+        raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise OnnxdnsError(f"{p}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
     if model.ir_version == 0 or not model.opset_import or not model.graph.node:
         raise OnnxdnsError(f"{p}: not an ONNX model (no IR version, opset or graph nodes)")
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise OnnxdnsError(f"{p}: external weight data missing or unreadable: {_first_line(e)}") from None
+    load_external_data(model, p)
     if check:
         check_supported(model, str(p))
+        try:
+            modelcheck.check_model(model)
+        except OnnxdnsError as e:
+            raise OnnxdnsError(f"{p}: {e}") from None
         try:
             onnx.checker.check_model(model)
         except (onnx.checker.ValidationError, ValueError) as e:
@@ -181,10 +197,33 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
     for src in protect:
         if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
             raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if out.is_dir():
+    check_output_file(out)
+    try:
+        _write(model, out)
+    except OSError as e:  # a full disk, a read-only or vanished folder, a name too long...
+        raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
+    return out
+
+
+def check_output_file(out: Path) -> None:
+    """Raise unless ``out`` can be replaced by a model file: its folder exists, and it does not
+    exist or is a regular file (a FIFO or a device such as /dev/null would be replaced by a file)."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OnnxdnsError(f"{out}: unusable output path: {e.strerror or e}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise OnnxdnsError(f"{out}: is a directory; give an output file name")
-    if not out.parent.exists():
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OnnxdnsError(f"{out}: exists and is not a regular file (a FIFO, socket or device); "
+                           "give the path of a file")
+    if not out.parent.is_dir():
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
+
+
+def _write(model: onnx.ModelProto, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -200,7 +239,6 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 # --------------------------------------------------------------------------- ONNX <-> onnx-ir

@@ -152,6 +152,7 @@ def slim(
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
     if out.resolve() == src.resolve():
         raise OnnxdnsError(f"{out}: the output path is the input model; choose another output path")
+    modelio.check_output_file(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.stem}.slim")
 
     shared = {**TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}, "data": data}

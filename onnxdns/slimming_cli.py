@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from onnxdns import argtypes
 from onnxdns.training.cli import add_slim_penalty_arguments
 from onnxdns.training.config import DATASETS, SCHEDULES
 
@@ -24,26 +25,26 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
     add_slim_penalty_arguments(parser)
     sel = parser.add_argument_group("channel selection", "slim-channels options")
     how = sel.add_mutually_exclusive_group()
-    how.add_argument("--prune-ratio", type=float, metavar="R",
+    how.add_argument("--prune-ratio", type=argtypes.real(0.0, 1.0, high_open=True), metavar="R",
                      help="prune the channels below the R-quantile of all prunable |gamma| (default: 0.5)")
-    how.add_argument("--threshold", type=float, metavar="T", help="prune the channels with |gamma| below T")
-    sel.add_argument("--min-keep", type=int, default=1, help="channels kept per layer at least (default: 1)")
-    sel.add_argument("--min-keep-ratio", type=float, default=0.05,
+    how.add_argument("--threshold", type=argtypes.non_negative_real, metavar="T", help="prune the channels with |gamma| below T")
+    sel.add_argument("--min-keep", type=argtypes.positive_int, default=1, help="channels kept per layer at least (default: 1)")
+    sel.add_argument("--min-keep-ratio", type=argtypes.real(0.0, 1.0), default=0.05,
                      help="fraction of each layer's channels kept at least (default: 0.05)")
-    sel.add_argument("--round-to", type=int, metavar="N",
+    sel.add_argument("--round-to", type=argtypes.positive_int, metavar="N",
                      help=f"round kept channel counts up to a multiple of N (default: {ROUND_TO['cpu']} for cpu, "
                           f"{ROUND_TO['cuda']} for cuda)")
     tr = parser.add_argument_group("training", "both training stages (sparsity, fine-tuning)")
-    tr.add_argument("--epochs", type=float, default=10.0, help="sparsity training epochs (default: 10)")
-    tr.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs (default: --epochs)")
-    tr.add_argument("--lr", type=float, help=f"learning rate (default: {TRAIN_DEFAULTS['lr']})")
-    tr.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: --lr)")
-    tr.add_argument("--batch-size", type=int, help=f"batch size (default: {TRAIN_DEFAULTS['batch_size']})")
-    tr.add_argument("--momentum", type=float, help=f"SGD momentum (default: {TRAIN_DEFAULTS['momentum']})")
-    tr.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default: {TRAIN_DEFAULTS['weight_decay']})")
+    tr.add_argument("--epochs", type=argtypes.positive_real, default=10.0, help="sparsity training epochs (default: 10)")
+    tr.add_argument("--finetune-epochs", type=argtypes.positive_real, help="fine-tuning epochs (default: --epochs)")
+    tr.add_argument("--lr", type=argtypes.positive_real, help=f"learning rate (default: {TRAIN_DEFAULTS['lr']})")
+    tr.add_argument("--finetune-lr", type=argtypes.positive_real, help="fine-tuning learning rate (default: --lr)")
+    tr.add_argument("--batch-size", type=argtypes.positive_int, help=f"batch size (default: {TRAIN_DEFAULTS['batch_size']})")
+    tr.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True), help=f"SGD momentum (default: {TRAIN_DEFAULTS['momentum']})")
+    tr.add_argument("--weight-decay", type=argtypes.non_negative_real, help=f"L2 weight decay (default: {TRAIN_DEFAULTS['weight_decay']})")
     tr.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default: {TRAIN_DEFAULTS['schedule']})")
-    tr.add_argument("--seed", type=int, help="data order (default: 0)")
-    tr.add_argument("--subset", type=int, help="train on this many examples drawn from the training split")
+    tr.add_argument("--seed", type=argtypes.non_negative_int, help="data order (default: 0)")
+    tr.add_argument("--subset", type=argtypes.positive_int, help="train on this many examples drawn from the training split")
     run = parser.add_argument_group("run")
     run.add_argument("--work-dir", type=Path, metavar="DIR",
                      help="stage models and checkpoints (default: OUT.slim beside the output); finished stages "
@@ -51,7 +52,8 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--fresh", action="store_true", help="start over: empty the work folder first")
     run.add_argument("--no-validate", action="store_true", help="skip optimize's comparison with the fine-tuned model")
     run.add_argument("--no-evaluate", action="store_true", help="skip measuring each stage's test accuracy")
-    run.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    run.add_argument("--threads", type=argtypes.threads, default=0,
+                     help=f"onnxruntime intra-op threads, 0 to {argtypes.MAX_THREADS} (0: all cores)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

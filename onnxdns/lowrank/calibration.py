@@ -34,6 +34,8 @@ from onnxdns.sources.model import batch_axis
 
 #: Bytes of activations one capture batch may hold (sets the batch size).
 BATCH_BYTES = 1 << 28
+#: Largest float32 calibration input array (samples x input size) that calibration accepts.
+MAX_CALIBRATION_BYTES = 1 << 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +151,14 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
     if calib_data is None:
         if model is None:
             raise OnnxdnsError("random calibration inputs need the model")
+        _check_size(samples, specs)
         runs = [runtime.input_feeds(model, batch=samples, seed=seed)] if step is None else \
             [runtime.input_feeds(model, batch=step, seed=seed + i) for i in range(-(-samples // step))]
         arrays = {s.name: np.concatenate([r[s.name] for r in runs], axis=axes[s.name]) for s in specs}
         return _whole(Inputs(arrays, axes, step).slice(0, samples)), "random (runtime.input_feeds)"
     if isinstance(calib_data, Source) or (isinstance(calib_data, str) and is_source_spec(calib_data)
                                           and not calib_data.endswith((".npz", ".npy"))):
+        _check_size(samples, specs)
         calib_data, origin = _gather(calib_data, specs, samples, seed)
     else:
         origin = None
@@ -167,6 +171,7 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
         from onnxdns.data import load_dataset, subset
 
         ds = load_dataset(calib_data, "train", data_dir=data_dir)
+        _check_size(min(samples, len(ds)), specs)
         ds = subset(ds, min(samples, len(ds)), seed)
         images = fit_images(np.asarray(ds.images, np.float32), shape).astype(spec.dtype, copy=False)
         return _whole(Inputs({spec.name: images}, {spec.name: 0}, step)), f"{calib_data} train ({len(ds)} images)"
@@ -258,6 +263,18 @@ def _cast(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.dtype.kind == "f" and array.dtype.kind not in "fiub":
         raise OnnxdnsError(f"model input {spec.describe()} needs numbers, got {array.dtype.name}")
     return array.astype(spec.dtype)
+
+
+def _check_size(samples: int, specs: Sequence[InputSpec]) -> None:
+    """Refuse calibration inputs that would not fit in memory (``samples`` samples of every input,
+    at its dtype and static dimensions; a dynamic non-batch dimension counts as 1)."""
+    per_sample = sum(np.dtype(s.dtype).itemsize * math.prod(d if isinstance(d, int) and d > 0 else 1
+                                                            for a, d in enumerate(s.dims) if a != s.batch_axis)
+                     for s in specs)
+    size = samples * per_sample
+    if size > MAX_CALIBRATION_BYTES:
+        raise OnnxdnsError(f"{samples} calibration samples need {size / 2**30:.1f} GiB "
+                           f"(at most {MAX_CALIBRATION_BYTES / 2**30:.0f} GiB); use fewer calibration samples")
 
 
 def fit_images(images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -6,6 +6,7 @@ only its own rows; members of a compressed ``.npz`` (``numpy.savez_compressed``)
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -25,6 +26,8 @@ def read_arrays(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.n
     (named ``""``); a one-line :class:`OnnxdnsError` when the file cannot be read."""
     p = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block forever, a device never end
+            raise OnnxdnsError(f"{p}: {what} must be a regular .npy or .npz file (not a folder, FIFO or device)")
         if p.endswith(".npy"):
             return {"": np.load(p, mmap_mode="r", allow_pickle=False)}
         with np.load(p, allow_pickle=False) as npz:

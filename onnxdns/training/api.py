@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,13 @@ from onnxdns.errors import OnnxdnsError
 from onnxdns.training import artifacts as artifacts_mod
 from onnxdns.training import batchnorm as batchnorm_mod
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
-from onnxdns.training.loop import Dataset, EpochRecord, Trainer, checkpoint_paths, steps_for
+from onnxdns.training.loop import STATE_DIR, Dataset, EpochRecord, Trainer, has_checkpoint, read_checkpoint, steps_for
 from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import ParameterSet, select_parameters
 from onnxdns.training.session import TrainingSession
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.onnx"
@@ -112,7 +117,10 @@ def train(
     total_steps = steps_for(config.epochs if config.iterations is None else None, config.iterations, steps_per_epoch)
 
     if resume is None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OnnxdnsError(f"{ckpt_dir}: cannot create the checkpoint folder: {e.strerror or e}") from None
         art = artifacts_mod.generate(model, ckpt_dir / ARTIFACTS_DIR, artifact_spec(config, params, model, method_options),
                                      batch_size=config.batch_size)
         modelio.save_model(model, ckpt_dir / MODEL_FILE)
@@ -120,7 +128,7 @@ def train(
         session = TrainingSession(art, threads=threads)
     else:
         art = artifacts_mod.Artifacts.load(ckpt_dir / ARTIFACTS_DIR)
-        ort_ckpt, _ = checkpoint_paths(ckpt_dir)
+        ort_ckpt, _ = read_checkpoint(ckpt_dir)  # verified before onnxruntime reads it
         session = TrainingSession(art, ort_ckpt, threads=threads)
 
     schedule = LRSchedule(config.schedule, config.lr, total_steps, gamma=config.lr_gamma, step_size=config.lr_step)
@@ -186,8 +194,13 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
         _validate(config)
         out = Path(output_path)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(f"{out.stem}.ckpt")
+        if ckpt.exists() and not ckpt.is_dir():
+            raise OnnxdnsError(f"{ckpt}: exists and is not a folder; give a checkpoint folder")
         if (ckpt / RUN_FILE).exists():
-            raise OnnxdnsError(f"{ckpt}: already holds a training run; resume it, delete the folder, or choose another checkpoint folder")
+            if has_checkpoint(ckpt):
+                raise OnnxdnsError(f"{ckpt}: already holds a training run; resume it, delete the folder, or choose "
+                                   "another checkpoint folder")
+            _clear_unstarted_run(ckpt)
         return config, Path(input_path), out, ckpt
     ckpt = Path(resume)
     run_file = ckpt / RUN_FILE
@@ -195,8 +208,10 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
         raise OnnxdnsError(f"{ckpt}: not a training checkpoint folder (no {RUN_FILE})")
     if checkpoint_dir is not None and Path(checkpoint_dir).resolve() != ckpt.resolve():
         raise OnnxdnsError("resume: checkpoints continue in the resumed folder; do not give another checkpoint folder")
-    run = json.loads(run_file.read_text())
-    saved = TrainConfig(**run["config"])
+    if not has_checkpoint(ckpt):
+        raise OnnxdnsError(f"{ckpt}: the run stopped before its first checkpoint, there is nothing to resume; "
+                           "start it over with the same command without --resume (the folder is reused)")
+    run, saved = _read_run(run_file)
     for key, value in given.items():
         if getattr(saved, key) != value:
             raise OnnxdnsError(f"resume: {key}={value!r} differs from the checkpoint's {getattr(saved, key)!r}")
@@ -207,7 +222,48 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
     return saved, src, out, ckpt
 
 
+def _read_run(run_file: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """``run.json`` of a checkpoint folder and its configuration, checked like a new run's."""
+    try:
+        run = json.loads(run_file.read_text())
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            raise ValueError("no 'config' object")
+        for key in ("input_sha256", "input_path", "output_path"):
+            if not isinstance(run.get(key), str):
+                raise ValueError(f"'{key}' must be a string")
+        saved = TrainConfig(**run["config"])
+        _validate(saved)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, OnnxdnsError) as e:
+        raise OnnxdnsError(f"{run_file}: damaged run file ({e}); start the run over") from None
+    return run, saved
+
+
+def _clear_unstarted_run(ckpt: Path) -> None:
+    """Remove what a run killed before its first checkpoint left in ``ckpt`` (only onnxdns's files)."""
+    log.warning("%s: holds a run stopped before its first checkpoint; starting it over", ckpt)
+    for name in (RUN_FILE, MODEL_FILE):
+        (ckpt / name).unlink(missing_ok=True)
+    for name in (ARTIFACTS_DIR, STATE_DIR, f"{STATE_DIR}.tmp", f"{STATE_DIR}.old"):
+        shutil.rmtree(ckpt / name, ignore_errors=True)
+
+
 def _validate(config: TrainConfig) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OnnxdnsError(f"{f.name} must be a finite number, got {value}")
+    for name, low in (("seed", 0), ("iterations", 1), ("lr_step", 1), ("dns_iter_stop", 0), ("rounds", 1)):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise OnnxdnsError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name in ("lr", "lr_gamma", "smooth_l1", "epochs"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise OnnxdnsError(f"{name} must be positive, got {value}")
+    for name in ("dns_gamma", "dns_power", "slim_lambda", "quality"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise OnnxdnsError(f"{name} must be >= 0, got {value}")
     if config.data not in DATASETS:
         raise OnnxdnsError(f"unknown data '{config.data}'; choose one of: {', '.join(DATASETS)}")
     if config.batchnorm is not None and config.batchnorm not in BATCHNORM_MODES:
@@ -235,10 +291,7 @@ def _validate(config: TrainConfig) -> None:
 def _check_output(out: Path, src: Path) -> None:
     if out.exists() and src.exists() and os.path.samefile(out, src):
         raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if out.is_dir():
-        raise OnnxdnsError(f"{out}: is a directory; give an output file name")
-    if not out.parent.exists():
-        raise OnnxdnsError(f"{out.parent}: output folder does not exist")
+    modelio.check_output_file(out)
 
 
 def _load_data(config: TrainConfig, model: onnx.ModelProto, data_dir) -> tuple[Dataset, Dataset]:

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from onnxdns import argtypes
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_SMOOTH_BETA, METHODS, SCHEDULES, TrainConfig
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
@@ -29,19 +30,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=DATASETS, help=f"training and test data{_default('data')}")
     parser.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=float, help="training length in epochs (default: 10)")
-    budget.add_argument("--iterations", type=int, help="training length in optimizer steps")
-    parser.add_argument("--batch-size", type=int, help=f"training batch size{_default('batch_size')}")
-    parser.add_argument("--lr", type=float, help=f"learning rate{_default('lr')}")
-    parser.add_argument("--momentum", type=float, help=f"SGD momentum{_default('momentum')}")
-    parser.add_argument("--weight-decay", type=float, help=f"L2 weight decay{_default('weight_decay')}")
+    budget.add_argument("--epochs", type=argtypes.positive_real, help="training length in epochs (default: 10)")
+    budget.add_argument("--iterations", type=argtypes.positive_int, help="training length in optimizer steps")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, help=f"training batch size{_default('batch_size')}")
+    parser.add_argument("--lr", type=argtypes.positive_real, help=f"learning rate{_default('lr')}")
+    parser.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True), help=f"SGD momentum{_default('momentum')}")
+    parser.add_argument("--weight-decay", type=argtypes.non_negative_real, help=f"L2 weight decay{_default('weight_decay')}")
     parser.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule{_default('schedule')}")
-    parser.add_argument("--lr-gamma", type=float, help="step: factor per step (0.1); inv: gamma (1e-4)")
-    parser.add_argument("--lr-step", type=int, help="step schedule: steps between decays (default: a third of the run); "
+    parser.add_argument("--lr-gamma", type=argtypes.positive_real, help="step: factor per step (0.1); inv: gamma (1e-4)")
+    parser.add_argument("--lr-step", type=argtypes.positive_int, help="step schedule: steps between decays (default: a third of the run); "
                                                       "cosine: steps at full lr before the decay (default: 0)")
-    parser.add_argument("--seed", type=int, help=f"data order and surgery randomness{_default('seed')}")
-    parser.add_argument("--subset", type=int, help="train on this many examples drawn from the training split")
-    parser.add_argument("--test-subset", type=int, help="evaluate on this many examples of the test split")
+    parser.add_argument("--seed", type=argtypes.non_negative_int, help=f"data order and surgery randomness{_default('seed')}")
+    parser.add_argument("--subset", type=argtypes.positive_int, help="train on this many examples drawn from the training split")
+    parser.add_argument("--test-subset", type=argtypes.positive_int, help="evaluate on this many examples of the test split")
     parser.add_argument("--batchnorm", choices=BATCHNORM_MODES,
                         help="BatchNorm statistics while training: batch statistics with running statistics written "
                              "back (train), or the stored ones (frozen) (default: train for slim, frozen otherwise)")
@@ -50,35 +51,36 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dns = parser.add_argument_group("dns", "Dynamic Network Surgery")
     dns.add_argument("--dns-c", metavar="SPEC",
                      help="sensitivity c per layer: 'conv=3,fc=4,fc1=2.5' (a layer name beats its kind; default conv=3,fc=4)")
-    dns.add_argument("--dns-gamma", type=float, help=f"surgery probability (1+gamma*t)^-power{_default('dns_gamma')}")
-    dns.add_argument("--dns-power", type=float, help=f"exponent of the surgery probability{_default('dns_power')}")
-    dns.add_argument("--dns-iter-stop", type=int, help="no surgery after this many steps of a phase (default: phase end)")
-    dns.add_argument("--dns-ramp", type=int, metavar="STEPS",
+    dns.add_argument("--dns-gamma", type=argtypes.non_negative_real, help=f"surgery probability (1+gamma*t)^-power{_default('dns_gamma')}")
+    dns.add_argument("--dns-power", type=argtypes.non_negative_real, help=f"exponent of the surgery probability{_default('dns_power')}")
+    dns.add_argument("--dns-iter-stop", type=argtypes.non_negative_int, help="no surgery after this many steps of a phase (default: phase end)")
+    dns.add_argument("--dns-ramp", type=argtypes.non_negative_int, metavar="STEPS",
                      help="thresholds rise linearly from 0 over this many steps of a phase (default 0: fixed, as published)")
     dns.add_argument("--dns-phases", metavar="SPEC",
                      help="pruning phases, e.g. 'conv:0.4,fc:0.4' (fractions) or 'conv:6000,fc:6000' (steps), "
                           "'all:0.8' prunes both kinds at once; the rest fine-tunes with frozen masks")
     mag = parser.add_argument_group("magnitude", "magnitude pruning (Han et al. 2015)")
     mag.add_argument("--sparsity", metavar="SPEC", help="final sparsity per layer, e.g. 'conv=0.6,fc=0.9' (the default)")
-    mag.add_argument("--quality", type=float, help="prune |w| < quality x std of the layer instead of a sparsity")
-    mag.add_argument("--rounds", type=int, help=f"prune-retrain rounds{_default('rounds')}")
+    mag.add_argument("--quality", type=argtypes.non_negative_real, help="prune |w| < quality x std of the layer instead of a sparsity")
+    mag.add_argument("--rounds", type=argtypes.positive_int, help=f"prune-retrain rounds{_default('rounds')}")
     add_slim_penalty_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                      help="artifacts and checkpoints (default: OUT.ckpt beside the output)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
-    run.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    run.add_argument("--threads", type=argtypes.threads, default=0,
+                     help=f"onnxruntime intra-op threads, 0 to {argtypes.MAX_THREADS} (0: all cores)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_slim_penalty_arguments(parser: argparse.ArgumentParser) -> None:
     """``--slim-lambda``, ``--smooth-l1`` and ``--smooth-l1-beta`` (dest ``slim_lambda``, ``smooth_l1``)."""
     slim = parser.add_argument_group("slim", "Network Slimming sparsity training (Liu et al. 2017)")
-    slim.add_argument("--slim-lambda", type=float, metavar="L",
+    slim.add_argument("--slim-lambda", type=argtypes.non_negative_real, metavar="L",
                       help=f"weight of the L1 penalty on BatchNorm scales{_default('slim_lambda')}")
     slim.add_argument("--smooth-l1", dest="smooth_l1", action="store_const", const=DEFAULT_SMOOTH_BETA,
                       help=f"smooth penalty sqrt(gamma^2 + beta^2) - beta (beta {DEFAULT_SMOOTH_BETA:g})")
-    slim.add_argument("--smooth-l1-beta", dest="smooth_l1", type=float, metavar="BETA",
+    slim.add_argument("--smooth-l1-beta", dest="smooth_l1", type=argtypes.positive_real, metavar="BETA",
                       help="smooth penalty with this beta")
 
 

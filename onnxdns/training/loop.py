@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 STATE_DIR = "state"
 ORT_CHECKPOINT = "ort_checkpoint"
 TRAINER_STATE = "trainer.json"
+#: Key of the onnxruntime checkpoint's SHA-256 in the trainer state (verified on resume).
+CHECKSUM_KEY = "ort_checkpoint_sha256"
 
 
 class Masks:
@@ -174,17 +176,23 @@ class Trainer:
 
     def load_state(self, directory: str | os.PathLike) -> None:
         """Restore loop and hook state saved by :meth:`save_checkpoint` (the session must have been
-        opened on the same directory's onnxruntime checkpoint, see :func:`checkpoint_paths`)."""
-        _, trainer_json = checkpoint_paths(directory)
-        data = json.loads(trainer_json.read_text())
-        self.step = int(data["step"])
-        self.history = [EpochRecord(**r) for r in data["history"]]
-        self._epoch_stats = dict(data["epoch_stats"])
-        hook_states = data.get("hooks", [])
+        opened on the same directory's onnxruntime checkpoint, see :func:`read_checkpoint`)."""
+        _, data = read_checkpoint(directory)
+        trainer_json = checkpoint_paths(directory)[1]
+        if data["step"] > self.total_steps:
+            raise OnnxdnsError(f"{trainer_json}: step {data['step']} is beyond this run's {self.total_steps} steps; "
+                               "the checkpoint does not belong to this run")
+        if data["step"] < 1 or any(r.step > data["step"] for r in data["history"]):
+            raise OnnxdnsError(f"{trainer_json}: damaged checkpoint (step {data['step']} and its history disagree)")
+        hook_states = data["hooks"]
         if len(hook_states) != len(self.hooks):
             raise OnnxdnsError(f"{directory}: checkpoint has state for {len(hook_states)} hooks, this run has {len(self.hooks)}")
-        for hook, state in zip(self.hooks, hook_states):
-            hook.load_state_dict(state)
+        try:
+            for hook, state in zip(self.hooks, hook_states):
+                hook.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise OnnxdnsError(f"{trainer_json}: damaged checkpoint (method state: {type(e).__name__}: {e})") from None
+        self.step, self.history, self._epoch_stats = data["step"], data["history"], data["epoch_stats"]
 
     def save_checkpoint(self) -> Path | None:
         """Write ``<checkpoint_dir>/state`` atomically (a temporary folder renamed into place)."""
@@ -201,6 +209,7 @@ class Trainer:
             "history": [dataclasses.asdict(r) for r in self.history],
             "epoch_stats": self._epoch_stats,
             "hooks": [h.state_dict() for h in self.hooks],
+            CHECKSUM_KEY: _sha256(tmp / ORT_CHECKPOINT),
         }
         (tmp / TRAINER_STATE).write_text(json.dumps(data, indent=1))
         shutil.rmtree(old, ignore_errors=True)
@@ -332,6 +341,61 @@ def checkpoint_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
         if ort_ckpt.exists() and trainer_json.exists():
             return ort_ckpt, trainer_json
     raise OnnxdnsError(f"{base}: no training checkpoint in this folder (expected {STATE_DIR}/{TRAINER_STATE})")
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a complete checkpoint (see :func:`checkpoint_paths`)."""
+    try:
+        checkpoint_paths(directory)
+    except OnnxdnsError:
+        return False
+    return True
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(onnxruntime checkpoint, trainer state) of ``directory``, verified: the state file is
+    well-formed (known keys, right types) and the onnxruntime checkpoint has the SHA-256 recorded
+    when it was saved. A damaged or tampered checkpoint is a one-line :class:`OnnxdnsError`."""
+    ort_ckpt, trainer_json = checkpoint_paths(directory)
+
+    def damaged(why: str) -> OnnxdnsError:
+        return OnnxdnsError(f"{trainer_json}: damaged checkpoint ({why}); resume from a copy or start the run over")
+
+    try:
+        data = json.loads(trainer_json.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise damaged(f"unreadable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise damaged(f"expected a JSON object, got {type(data).__name__}")
+    keys = {"step", "history", "epoch_stats", "hooks"}
+    unknown, missing = set(data) - keys - {CHECKSUM_KEY}, keys - set(data)
+    if unknown or missing:
+        raise damaged("; ".join(filter(None, [f"unknown key(s) {', '.join(sorted(unknown))}" if unknown else "",
+                                              f"missing key(s) {', '.join(sorted(missing))}" if missing else ""])))
+    if type(data["step"]) is not int:
+        raise damaged(f"step must be an integer, got {data['step']!r}")
+    stats = data["epoch_stats"]
+    if not isinstance(stats, dict) or set(stats) != {"loss", "correct", "count", "seconds"} or not all(
+            type(v) in (int, float) for v in stats.values()):
+        raise damaged("epoch_stats must hold the numbers loss, correct, count and seconds")
+    if not isinstance(data["hooks"], list) or not isinstance(data["history"], list):
+        raise damaged("history and hooks must be lists")
+    try:
+        data["history"] = [EpochRecord(**r) for r in data["history"]]
+    except TypeError as e:
+        raise damaged(f"history: {e}") from None
+    if any(type(r.step) is not int for r in data["history"]):
+        raise damaged("history steps must be integers")
+    if CHECKSUM_KEY in data and data[CHECKSUM_KEY] != _sha256(ort_ckpt):
+        raise OnnxdnsError(f"{ort_ckpt}: checkpoint weights do not match the checksum in {trainer_json.name} "
+                           "(the file was changed or damaged); resume from a copy or start the run over")
+    return ort_ckpt, data
+
+
+def _sha256(path: Path) -> str:
+    from onnxdns.modelio import file_sha256
+
+    return file_sha256(path)
 
 
 def _short(name: str) -> str:

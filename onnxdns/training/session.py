@@ -31,7 +31,7 @@ class TrainingSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as exceptions (one line), not as C++ log
         try:
             self.state = CheckpointState.load_checkpoint(path)
             self.module = Module(artifacts.training_model, self.state, artifacts.eval_model, session_options=options)
