@@ -50,13 +50,18 @@ def make_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, in one line
     if isinstance(model, onnx.ModelProto):
         payload: bytes | str = model.SerializeToString()
     elif isinstance(model, bytes):
         payload = model
     else:
         payload = str(model)
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: onnxruntime takes str paths only
+            with open(model, "rb") as fh:
+                payload = fh.read()
     try:
         return ort.InferenceSession(payload, sess_options=so, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

@@ -367,11 +367,11 @@ def _npy(tmp_path: Path, name: str, array: np.ndarray) -> Path:
 @pytest.mark.parametrize("name, array, fragment", [
     ("inf.npy", np.where(np.arange(784) == 5, np.inf, 0.5).astype(np.float32)[None].repeat(4, 0), "infinite"),
     ("nan.npy", np.full((4, 784), np.nan, np.float32), "NaN"),
-    ("huge.npy", np.full((4, 784), 1e300), "infinite value(s) in float32"),
-    ("empty.npy", np.zeros((0, 784), np.float32), "empty"),
-    ("strings.npy", np.array([["a", "b"]]), "must hold numbers, got dtype <U1"),
-    ("record.npy", np.zeros((4, 2), dtype=[("a", "f4"), ("b", "i4")]), "must hold numbers"),
-    ("objects.npy", np.array([[{"a": 1}]], dtype=object), "allow_pickle=False"),
+    ("huge.npy", np.full((4, 784), 1e300), "NaN or infinite value(s) as float32"),
+    ("empty.npy", np.zeros((0, 784), np.float32), "at least 2 samples, got 0"),
+    ("strings.npy", np.array([["a", "b"]]), "needs numbers, got calibration data of dtype <U1"),
+    ("record.npy", np.zeros((4, 2), dtype=[("a", "f4"), ("b", "i4")]), "needs numbers"),
+    ("objects.npy", np.array([[{"a": 1}]], dtype=object), "Python objects"),
 ])
 def test_bad_calibration_arrays(name, array, fragment, model_file, tmp_path, capsys):
     path = _npy(tmp_path, name, array)
@@ -385,7 +385,7 @@ def test_calibration_fifo_is_refused_without_blocking(model_file, tmp_path):
     os.mkfifo(tmp_path / "calib.npy")
     proc = _cli("optimize", model_file, "-o", tmp_path / "out.onnx", "--passes", "sparse-lowrank", "--calib-data",
                 tmp_path / "calib.npy", timeout=60)
-    _assert_one_line_exit_2(proc, "regular .npy file")
+    _assert_one_line_exit_2(proc, "must be a regular .npy or .npz file")
 
 
 def test_calibration_samples_beyond_memory(model_file, tmp_path, capsys):
@@ -395,12 +395,13 @@ def test_calibration_samples_beyond_memory(model_file, tmp_path, capsys):
 
 
 def test_calibration_inputs_api_checks_values():
-    from onnxdns.lowrank.calibration import calibration_inputs
+    from onnxdns.lowrank.calibration import InputSpec, calibration_inputs
 
+    spec = [InputSpec("x", np.dtype(np.float32), ("N", 4), 0)]
     with pytest.raises(OnnxdnsError, match="NaN or infinite"):
-        calibration_inputs(np.full((3, 4), np.inf), (4,), 3)
-    x, _ = calibration_inputs(np.ones((3, 4), np.int64), (4,), 2)
-    assert x.dtype == np.float32 and x.shape == (2, 4)
+        calibration_inputs(np.full((3, 4), np.inf), spec, 3)
+    x, _ = calibration_inputs(np.ones((3, 4), np.int64), spec, 2)
+    assert x.arrays["x"].dtype == np.float32 and x.arrays["x"].shape == (2, 4)
 
 
 # --------------------------------------------------------------------------- output paths
@@ -465,20 +466,17 @@ def test_non_utf8_file_name_under_an_ascii_terminal(tmp_path):
 
 
 def test_numpy_warnings_do_not_reach_stderr(tmp_path):
-    """An infinite weight makes the optimized model's validation fail (exit 3) after a numpy
-    RuntimeWarning inside a pass: stderr holds the one error line only."""
+    """Infinite weights make numpy warn inside the passes (inf * 0 in the constant analysis); the
+    optimized model computes the same infinities, so optimize succeeds, and stderr stays empty."""
     model = tiny_model()
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((784, 10), np.inf, np.float32), "W"))
     src = tmp_path / "inf.onnx"
     onnx.save_model(model, src)
     proc = _cli("optimize", src, "-o", tmp_path / "out.onnx")
-    err = proc.stderr.decode()
-    assert proc.returncode == 3 and err.count("\n") == 1 and err.startswith("onnxdns: error: validation failed"), err
+    assert proc.returncode == 0 and proc.stderr.decode() == "", proc.stderr.decode()
+    assert b"validation: passed" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="onnxdns.runtime.session sets log_severity_level=3 on every inference "
-                                       "session, which overrides the CLI's default logger severity; that file "
-                                       "belongs to the validation rewrite (needs level 4 or the default)")
 def test_onnxruntime_log_does_not_reach_stderr(tmp_path):
     """A Gemm whose weight does not fit the declared input fails inside onnxruntime."""
     graph = helper.make_graph(
@@ -489,7 +487,7 @@ def test_onnxruntime_log_does_not_reach_stderr(tmp_path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
     proc = _cli("validate", src, src, "--repeats", "1")
     err = proc.stderr.decode()
-    assert proc.returncode == 2 and err.count("\n") == 1 and "onnxruntime failed" in err, err
+    assert proc.returncode == 2 and err.count("\n") == 1 and "the input model fails" in err, err
 
 
 # --------------------------------------------------------------------------- training run folders

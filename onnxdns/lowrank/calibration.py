@@ -195,8 +195,10 @@ def calibration_inputs(calib_data: Any, specs: Sequence[InputSpec], samples: int
     if min(counts.values()) < 2:
         raise OnnxdnsError(f"calibration needs at least 2 samples, got {min(counts.values())}")
     for name, a in arrays.items():
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise OnnxdnsError(f"calibration array for input '{name}' holds NaN or infinite values")
+        bad = int(np.count_nonzero(~np.isfinite(a))) if a.dtype.kind == "f" else 0
+        if bad:
+            raise OnnxdnsError(f"calibration array for input '{name}' holds {bad} NaN or infinite value(s) "
+                               f"as {a.dtype.name}")
     inputs = _whole(Inputs(arrays, axes, step).slice(0, samples))
     kind = "array" if len(arrays) == 1 else "arrays"
     return inputs, f"{origin or kind} ({len(inputs)} samples)"
@@ -249,7 +251,11 @@ def _single(specs: list[InputSpec], what: str) -> InputSpec:
 
 
 def _cast(array: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """``array`` as ``spec``'s dtype, checked against its rank and static dimensions."""
+    """``array`` as ``spec``'s dtype, checked against its kind, rank and static dimensions."""
+    if array.dtype.fields is not None or array.dtype.kind not in "fiub":
+        raise OnnxdnsError(f"model input {spec.describe()} needs numbers, got calibration data of dtype {array.dtype}")
+    if spec.dtype.kind in "iub" and array.dtype.kind not in "iub":
+        raise OnnxdnsError(f"model input {spec.describe()} needs integer or boolean data, got {array.dtype.name}")
     if array.ndim != len(spec.dims) or array.ndim == 0:
         raise OnnxdnsError(f"calibration array of shape {list(array.shape)} does not fit model input {spec.describe()}")
     for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
@@ -258,10 +264,6 @@ def _cast(array: np.ndarray, spec: InputSpec) -> np.ndarray:
                                f"{spec.describe()}")
     if array.dtype == spec.dtype:
         return array
-    if spec.dtype.kind in "iub" and array.dtype.kind not in "iub":
-        raise OnnxdnsError(f"model input {spec.describe()} needs integer or boolean data, got {array.dtype.name}")
-    if spec.dtype.kind == "f" and array.dtype.kind not in "fiub":
-        raise OnnxdnsError(f"model input {spec.describe()} needs numbers, got {array.dtype.name}")
     return array.astype(spec.dtype)
 
 
