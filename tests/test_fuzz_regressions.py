@@ -289,16 +289,18 @@ def test_consistent_grouped_conv_loads(tmp_path):
     assert modelio.load_model(path).graph.node[0].op_type == "Conv"
 
 
-def test_unreadable_and_too_long_input_paths(tmp_path, capsys):
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_input_is_one_line(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save_model(tiny_model(), path)
     path.chmod(0)
-    try:
-        if os.geteuid() != 0:  # root reads anything
-            code, _, err = run(capsys, "inspect", path)
-            assert_user_error(code, err, "Permission denied")
-    finally:
-        path.chmod(0o644)
+    code, _, err = run(capsys, "inspect", path)
+    assert_user_error(code, err, "cannot read: Permission denied")
+
+
+def test_too_long_input_paths(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny_model(), path)
     code, _, err = run(capsys, "inspect", tmp_path / ("x" * 300 + ".onnx"))
     assert_user_error(code, err, "File name too long")
     code, _, err = run(capsys, "validate", path, tmp_path / ("x" * 300 + ".onnx"))
