@@ -289,16 +289,18 @@ def test_consistent_grouped_conv_loads(tmp_path):
     assert modelio.load_model(path).graph.node[0].op_type == "Conv"
 
 
-def test_unreadable_and_too_long_input_paths(tmp_path, capsys):
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_input_is_one_line(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save_model(tiny_model(), path)
     path.chmod(0)
-    try:
-        if os.geteuid() != 0:  # root reads anything
-            code, _, err = run(capsys, "inspect", path)
-            assert_user_error(code, err, "Permission denied")
-    finally:
-        path.chmod(0o644)
+    code, _, err = run(capsys, "inspect", path)
+    assert_user_error(code, err, "cannot read: Permission denied")
+
+
+def test_too_long_input_paths(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny_model(), path)
     code, _, err = run(capsys, "inspect", tmp_path / ("x" * 300 + ".onnx"))
     assert_user_error(code, err, "File name too long")
     code, _, err = run(capsys, "validate", path, tmp_path / ("x" * 300 + ".onnx"))
@@ -608,3 +610,31 @@ def test_run_killed_before_its_first_checkpoint_can_be_restarted(lenet, tmp_path
     assert code == 0, err
     assert out.exists() and (ckpt / "state" / "trainer.json").exists()
     assert "holds a run stopped before its first checkpoint; starting it over" in caplog.text
+
+
+def test_training_that_diverges_writes_nothing(tmp_path, capsys):
+    """An infinite weight (or a learning rate far too high) makes the loss NaN: before, the run
+    ended with exit 0 and a model that outputs NaN."""
+    model = image_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((10, 784), np.inf, np.float32), "W"))
+    src = tmp_path / "inf.onnx"
+    onnx.save_model(model, src)
+    code, _, err = run(capsys, "train", src, "-o", tmp_path / "out.onnx", "--method", "none", *TINY_RUN)
+    assert_user_error(code, err, "training diverged: the loss is nan at step 1")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_folder_in_use_by_a_running_training_is_not_cleared(lenet, tmp_path, capsys):
+    """A run still setting up (no checkpoint yet) must not be mistaken for a killed one."""
+    import fcntl
+
+    from onnxdns.training import api as train_api
+
+    ckpt = tmp_path / "busy.ckpt"
+    ckpt.mkdir()
+    (ckpt / "run.json").write_text("{}")
+    with open(ckpt / train_api.LOCK_FILE, "a+b") as held:  # what a running train() holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(capsys, "train", lenet, "-o", tmp_path / "o.onnx", "--checkpoint-dir", ckpt, *TINY_RUN)
+        assert_user_error(code, err, "another onnxdns training run is using this folder")
+        assert (ckpt / "run.json").read_text() == "{}"

@@ -49,6 +49,7 @@ from onnxdns.training.session import TrainingSession
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 MODEL_FILE = "model.onnx"
 ARTIFACTS_DIR = "artifacts"
 
@@ -95,7 +96,20 @@ def train(
     config, input_path, output_path, ckpt_dir = _resolve(input_path, output_path, checkpoint_dir, resume, options)
     out = Path(output_path)
     _check_output(out, input_path)
+    locks = [_lock(ckpt_dir)] if ckpt_dir.is_dir() else []  # refuses a folder another run is using
+    try:
+        if resume is None and (ckpt_dir / RUN_FILE).exists():  # _resolve refused a folder with a checkpoint
+            _clear_unstarted_run(ckpt_dir)
+        return _train(config, input_path, out, ckpt_dir, resume, locks, start_time, progress=progress,
+                      threads=threads, data_dir=data_dir, eval_batch_size=eval_batch_size)
+    finally:
+        for lock in locks:
+            lock.close()
 
+
+def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, resume, locks: list, start_time: float, *,
+           progress: bool, threads: int, data_dir, eval_batch_size: int) -> TrainResult:
+    """The body of :func:`train` once the run folder is resolved and locked."""
     method = get_method(config)
     if resume is None:
         model = method.prepare(modelio.load_model(input_path))
@@ -121,6 +135,8 @@ def train(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OnnxdnsError(f"{ckpt_dir}: cannot create the checkpoint folder: {e.strerror or e}") from None
+        if not locks:
+            locks.append(_lock(ckpt_dir))  # released by train()
         art = artifacts_mod.generate(model, ckpt_dir / ARTIFACTS_DIR, artifact_spec(config, params, model, method_options),
                                      batch_size=config.batch_size)
         modelio.save_model(model, ckpt_dir / MODEL_FILE)
@@ -196,11 +212,9 @@ def _resolve(input_path, output_path, checkpoint_dir, resume, options) -> tuple[
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(f"{out.stem}.ckpt")
         if ckpt.exists() and not ckpt.is_dir():
             raise OnnxdnsError(f"{ckpt}: exists and is not a folder; give a checkpoint folder")
-        if (ckpt / RUN_FILE).exists():
-            if has_checkpoint(ckpt):
-                raise OnnxdnsError(f"{ckpt}: already holds a training run; resume it, delete the folder, or choose "
-                                   "another checkpoint folder")
-            _clear_unstarted_run(ckpt)
+        if (ckpt / RUN_FILE).exists() and has_checkpoint(ckpt):  # without one, train() starts it over
+            raise OnnxdnsError(f"{ckpt}: already holds a training run; resume it, delete the folder, or choose "
+                               "another checkpoint folder")
         return config, Path(input_path), out, ckpt
     ckpt = Path(resume)
     run_file = ckpt / RUN_FILE
@@ -236,6 +250,24 @@ def _read_run(run_file: Path) -> tuple[dict[str, Any], TrainConfig]:
     except (OSError, UnicodeDecodeError, ValueError, TypeError, OnnxdnsError) as e:
         raise OnnxdnsError(f"{run_file}: damaged run file ({e}); start the run over") from None
     return run, saved
+
+
+def _lock(ckpt: Path):
+    """An exclusive lock on the run folder ``ckpt`` (held by the returned open file; the
+    operating system drops it when the process dies, even by SIGKILL)."""
+    import fcntl
+
+    try:
+        fh = open(ckpt / LOCK_FILE, "a+b")
+    except OSError as e:
+        raise OnnxdnsError(f"{ckpt}: cannot use the checkpoint folder: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise OnnxdnsError(f"{ckpt}: another onnxdns training run is using this folder; wait for it to end or "
+                           "choose another checkpoint folder") from None
+    return fh
 
 
 def _clear_unstarted_run(ckpt: Path) -> None:

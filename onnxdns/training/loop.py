@@ -273,9 +273,14 @@ class Trainer:
         outputs = self.session.train_step(x, y, self.schedule(step))
         for name, param in self.writeback.items():
             self.session.set(param, outputs[self._writeback_index[name]])
+        loss = float(outputs[0])
+        if not math.isfinite(loss):
+            raise OnnxdnsError(f"training diverged: the loss is {loss} at step {step + 1}; the model would output "
+                               "NaN or infinity, so nothing is written (start over with a lower learning rate, "
+                               "or check the input model's weights)")
         self.step = step + 1
         stats = self._epoch_stats
-        stats["loss"] += float(outputs[0]) * len(rows)
+        stats["loss"] += loss * len(rows)
         stats["count"] += len(rows)
         if self._logits_index is not None:
             stats["correct"] += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == y))
