@@ -484,26 +484,18 @@ def is_inputs_file(data: Any) -> bool:
 
 def check_inputs(model: ModelLike, feeds: Mapping[str, np.ndarray], origin: str = "the data") -> None:
     """One-line :class:`OnnxdnsError` unless ``feeds`` has an array of the right kind and shape
-    (rank, fixed dimensions) for every input of ``model``, and nothing else."""
+    (rank, fixed dimensions, a fixed batch size included: the arrays run in one pass) for every
+    input of ``model``, and nothing else."""
+    from onnxdns.sources.model import check_arrays, model_inputs
+
     sess = model if isinstance(model, ort.InferenceSession) else _session(model, ("CPUExecutionProvider",), 1)
-    inputs = sess.get_inputs()
-    names = [i.name for i in inputs]
-    missing = [n for n in names if n not in feeds]
-    extra = [n for n in feeds if n not in names]
-    if missing or extra:
-        raise OnnxdnsError(f"{origin} must have one array per model input, named {', '.join(names)}"
-                           + (f"; missing {', '.join(missing)}" if missing else "")
-                           + (f"; unknown {', '.join(extra)}" if extra else ""))
+    inputs = model_inputs(sess)
+    arrays = check_arrays(inputs, feeds, origin)
     for inp in inputs:
-        arr = feeds[inp.name]
-        want = runtime.numpy_dtype(inp.type)
-        if want is not None and arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
-            raise OnnxdnsError(f"{origin}: array {inp.name} is {arr.dtype}, the model input is {inp.type}")
-        shape = list(inp.shape)
-        fits = arr.ndim == len(shape) and all(not isinstance(d, int) or d <= 0 or d == n for d, n in zip(shape, arr.shape))
-        if not fits:
-            shown = ",".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape)
-            raise OnnxdnsError(f"{origin}: array {inp.name} has shape {list(arr.shape)}, the model input is [{shown}]")
+        fixed = inp.dims[inp.batch_axis] if inp.dims else None
+        if isinstance(fixed, int) and fixed > 0 and arrays[inp.name].shape[inp.batch_axis] != fixed:
+            raise OnnxdnsError(f"{origin}: array {inp.name} has shape {list(arrays[inp.name].shape)}, the model "
+                               f"input is {inp.describe()}")
 
 
 def _real_inputs(data: Any, sess: ort.InferenceSession) -> tuple[str, dict[str, np.ndarray], np.ndarray | None] | None:

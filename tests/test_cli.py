@@ -18,6 +18,7 @@ import onnxdns.passes
 from onnxdns import api, modelio, registry
 from onnxdns.cli import main
 from onnxdns.framework import GraphPass, PassReport
+from clikit import assert_user_error, run
 
 
 def tiny_model(opset: int = 17, ir_version: int = 8, op: str = "Relu") -> onnx.ModelProto:
@@ -56,19 +57,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code: int, err: str, fragment: str = "") -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnxdns: error: ")
-    assert "Traceback" not in err
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -18,18 +18,9 @@ from onnxdns import inputs
 from onnxdns.cli import main
 from realmodels import model_path
 from test_runtime import batch_one_model, make, multi_input_model, vi, yolo_like
+from clikit import assert_user_error, run
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code: int, err: str, fragment: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("onnxdns: error: ") and fragment in lines[0], err
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

@@ -20,6 +20,7 @@ from onnxdns.errors import OnnxdnsError
 from onnxdns.lowrank import calibration
 from onnxdns.sources import ModelInput, model_inputs, open_source
 from onnxdns.validate import compare
+from clikit import assert_user_error, run
 
 RNG = np.random.default_rng(0)
 FAST = {"repeats": 1, "warmup": 0, "latency_batches": (1,)}
@@ -320,16 +321,6 @@ def test_calibration_reads_a_folder(tmp_path):
     np.testing.assert_array_equal(inputs.arrays["images"], again.arrays["images"])
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code: int, err: str, fragment: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("onnxdns: error: ") and fragment in lines[0], err
 
 
 def test_cli_validate_and_optimize_on_user_data(tmp_path, capsys):

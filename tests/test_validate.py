@@ -272,7 +272,7 @@ def test_real_inputs_from_npz(weight, tmp_path):
     with pytest.raises(OnnxdnsError, match="one array per model input, named x; missing x; unknown image"):
         compare(a, b, data=str(tmp_path / "wrong.npz"), **FAST)
     np.savez(tmp_path / "shape.npz", x=x[:, :, :14])
-    with pytest.raises(OnnxdnsError, match=r"array x has shape \[6, 1, 14, 28\], the model input is \[N,1,28,28\]"):
+    with pytest.raises(OnnxdnsError, match=r"array x has shape \[6, 1, 14, 28\], the model input is 'x' float32 \[N,1,28,28\]"):
         compare(a, b, data=str(tmp_path / "shape.npz"), **FAST)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(OnnxdnsError, match="bad.npz: cannot read inputs"):
