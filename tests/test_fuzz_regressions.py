@@ -409,6 +409,7 @@ def test_calibration_inputs_api_checks_values():
 # --------------------------------------------------------------------------- output paths
 
 
+@pytest.mark.torch
 def test_output_onto_a_fifo_or_device_is_refused(model_file, tmp_path, capsys):
     fifo = tmp_path / "fifo.onnx"
     os.mkfifo(fifo)
@@ -441,6 +442,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.torch
 def test_writing_onto_a_full_disk(full_disk, tmp_path, capsys):
     lenet = tmp_path / "lenet.onnx"
     assert run(capsys, "export", "lenet-300-100", "-o", lenet)[0] == 0  # 1 MB: more than the disk holds
@@ -489,7 +491,9 @@ def test_onnxruntime_log_does_not_reach_stderr(tmp_path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
     proc = _cli("validate", src, src, "--repeats", "1")
     err = proc.stderr.decode()
-    assert proc.returncode == 2 and err.count("\n") == 1 and "the input model fails" in err, err
+    # onnxruntime 1.19 fails when it runs the model, 1.32 already when its shape inference loads it
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert "the input model fails" in err or "onnxruntime cannot load the model" in err, err
 
 
 # --------------------------------------------------------------------------- training run folders
@@ -527,12 +531,14 @@ def _resume(capsys, ckpt: Path) -> tuple[int, str, str]:
     return run(capsys, "train", "--resume", ckpt, "-o", ckpt.with_name("resumed.onnx"), "--no-progress")
 
 
+@pytest.mark.train
 def test_untouched_checkpoint_resumes(run_copy, capsys):
     code, _, err = _resume(capsys, run_copy)
     assert code == 0, err
     assert run_copy.with_name("resumed.onnx").exists()
 
 
+@pytest.mark.train
 def test_flipped_bit_in_checkpoint_weights_is_detected(run_copy, capsys):
     from onnxdns.training import loop
 
@@ -545,6 +551,7 @@ def test_flipped_bit_in_checkpoint_weights_is_detected(run_copy, capsys):
     assert not run_copy.with_name("resumed.onnx").exists()
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("edit, fragment", [
     (lambda text, data: text[: len(text) // 2], "unreadable JSON"),
     (lambda text, data: "{}", "missing key(s) epoch_stats, history, hooks, step"),
@@ -569,6 +576,7 @@ def test_damaged_checkpoint_metadata_is_one_line_naming_the_file(edit, fragment,
     assert not run_copy.with_name("resumed.onnx").exists()
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("content, fragment", [
     ("{", "damaged run file"), ("{}", "no 'config' object"), ('{"config": {"colour": 1}}', "damaged run file"),
 ])
@@ -579,12 +587,14 @@ def test_damaged_run_file_is_one_line(content, fragment, run_copy, capsys):
     assert "run.json" in err
 
 
+@pytest.mark.train
 def test_checkpoint_dir_that_is_a_file(model_file, tmp_path, capsys):
     (tmp_path / "ck").write_text("not a folder")
     code, _, err = run(capsys, "train", model_file, "-o", tmp_path / "o.onnx", "--checkpoint-dir", tmp_path / "ck")
     assert_user_error(code, err, "is not a folder")
 
 
+@pytest.mark.train
 def test_run_killed_before_its_first_checkpoint_can_be_restarted(lenet, tmp_path, capsys, caplog):
     """SIGKILL after the run folder is set up (run.json written) but before the first checkpoint
     (epoch 1 of full MNIST takes 937 steps): --resume says to start over, which then works."""
@@ -612,6 +622,7 @@ def test_run_killed_before_its_first_checkpoint_can_be_restarted(lenet, tmp_path
     assert "holds a run stopped before its first checkpoint; starting it over" in caplog.text
 
 
+@pytest.mark.train
 def test_training_that_diverges_writes_nothing(tmp_path, capsys):
     """An infinite weight (or a learning rate far too high) makes the loss NaN: before, the run
     ended with exit 0 and a model that outputs NaN."""
@@ -624,6 +635,7 @@ def test_training_that_diverges_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.train
 def test_a_folder_in_use_by_a_running_training_is_not_cleared(lenet, tmp_path, capsys):
     """A run still setting up (no checkpoint yet) must not be mistaken for a killed one."""
     import fcntl
