@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
+from onnxdns.external_data import load_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -138,26 +141,39 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Read and check an ONNX file; any user mistake becomes a one-line :class:`OnnxdnsError`."""
+    """Read and check an ONNX file; any user mistake becomes a one-line :class:`OnnxdnsError`.
+
+    External tensor data is read from the model's folder only (see :mod:`onnxdns.external_data`);
+    ``check`` also runs onnx.checker and :mod:`onnxdns.modelcheck`.
+    """
     p = Path(path)
-    if not p.exists():
-        raise OnnxdnsError(f"{p}: no such file")
-    if p.is_dir():
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise OnnxdnsError(f"{p}: no such file") from None
+    except OSError as e:
+        raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise OnnxdnsError(f"{p}: is a directory, not an ONNX file")
-    if p.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise OnnxdnsError(f"{p}: not a regular file (a FIFO, socket or device), not an ONNX file")
+    if st.st_size == 0:
         raise OnnxdnsError(f"{p}: empty file, not an ONNX model")
     try:
         model = onnx.load_model(str(p), load_external_data=False)
+    except OSError as e:
+        raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise OnnxdnsError(f"{p}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
     if model.ir_version == 0 or not model.opset_import or not model.graph.node:
         raise OnnxdnsError(f"{p}: not an ONNX model (no IR version, opset or graph nodes)")
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise OnnxdnsError(f"{p}: external weight data missing or unreadable: {_first_line(e)}") from None
+    load_external_data(model, p)
     if check:
         check_supported(model, str(p))
+        try:
+            modelcheck.check_model(model)
+        except OnnxdnsError as e:
+            raise OnnxdnsError(f"{p}: {e}") from None
         try:
             onnx.checker.check_model(model)
         except (onnx.checker.ValidationError, ValueError) as e:
