@@ -97,6 +97,7 @@ def optimize(
     download: bool = False,
     samples: int | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    external_data: bool | None = None,
 ) -> OptimizeResult:
     """Run the ``target`` pipeline (or the passes named in ``passes``) and save the result.
 
@@ -108,6 +109,10 @@ def optimize(
     pipelines with other lossy passes get their differences reported. With ``validate=False``
     the output is still checked: onnx's structure checks and an onnxruntime session. A failed
     validation is reported in the result (``result.ok`` is False); the output file is kept.
+
+    ``external_data``: True writes the output's initializers to ``<output>.data``; None (default)
+    does so when the input has external data or the output would exceed protobuf's 2 GB limit.
+    Initializers the passes do not change are not copied in memory (external ones stay mapped).
     """
     from onnxdns.validate import DATA_CHOICES, check_image_input, load_data
 
@@ -123,14 +128,19 @@ def optimize(
     if data not in DATA_CHOICES:
         raise OnnxdnsError(f"unknown data '{data}'; choose one of: {', '.join(DATA_CHOICES)}")
 
-    model = modelio.load_model(src)
+    loaded = modelio.load_ir(src)
+    before_files = tuple(loaded.data_files)
     dataset = None
     if validate and data != "random":  # fail on data problems before doing any work
-        check_image_input(model, data)
+        check_image_input(src, data)
         dataset = load_data(data, data_dir, download)
-    before = model_stats(model, file_bytes=src.stat().st_size)
+    before = model_stats(loaded.proto, file_bytes=loaded.disk_bytes, model_path=src)
+    loaded.proto = None
+    if external_data is None and loaded.external:
+        external_data = True
 
-    ir_model = modelio.to_ir(model)
+    ir_model, applied = loaded.model, None
+    del loaded
     runs = []
     for pass_ in pipeline:
         t0 = time.perf_counter()
@@ -141,12 +151,14 @@ def optimize(
         runs.append(PassRun(pass_.name, bool(applied.modified), time.perf_counter() - t0, dict(applied.details)))
         ir_model = applied.model
 
-    proto = modelio.to_proto(ir_model)
     try:
-        modelio.save_model(proto, out, protect=(src,))
+        modelio.save_model(ir_model, out, protect=(src, *before_files), external_data=external_data)
     except OSError as e:
         raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
-    after = model_stats(proto, file_bytes=out.stat().st_size)
+    del ir_model, applied
+    proto, out_bytes = modelio.parse_model(out)
+    after = model_stats(proto, file_bytes=out_bytes, model_path=out)
+    del proto
 
     exact = all(getattr(p, "exact", False) for p in pipeline)
     fp16 = any(p.name == FP16_PASS for p in pipeline)
@@ -160,9 +172,8 @@ def optimize(
 
 def inspect(path: str | os.PathLike) -> ModelStats:
     """Statistics of the ONNX file at ``path`` (per-layer rows and totals)."""
-    p = Path(path)
-    model = modelio.load_model(p)
-    return model_stats(model, file_bytes=p.stat().st_size)
+    proto, files = modelio.load_unread(path)
+    return model_stats(proto, file_bytes=modelio.disk_bytes(path, files), model_path=path)
 
 
 def validate(model_a: str | os.PathLike | onnx.ModelProto, model_b: str | os.PathLike | onnx.ModelProto,

@@ -12,12 +12,14 @@ pass).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -30,7 +32,7 @@ from onnx import numpy_helper
 
 from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
-from onnxdns.external_data import load_external_data
+from onnxdns.external_data import check_external_data, disk_bytes, load_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,66 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     External tensor data is read from the model's folder only (see :mod:`onnxdns.external_data`);
     ``check`` also runs onnx.checker and :mod:`onnxdns.modelcheck`.
     """
+    p, model = _parse(path)
+    load_external_data(model, p)
+    if check:
+        _check(model, p)
+    return model
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model read for the passes (:func:`load_ir`)."""
+
+    #: The model; initializers stored externally stay on disk (memory-mapped when read).
+    model: ir.Model
+    #: Real paths of the external data files the model refers to.
+    data_files: set[str]
+    #: Bytes on disk: the model file and its data files.
+    disk_bytes: int
+    #: The parsed file (external initializers not read); the model's in-file tensors are views
+    #: of it. Drop it (``loaded.proto = None``) once the statistics are taken.
+    proto: onnx.ModelProto | None = None
+
+    @property
+    def external(self) -> bool:
+        return bool(self.data_files)
+
+
+def load_ir(path: str | os.PathLike, *, check: bool = True) -> Loaded:
+    """Read and check an ONNX file into onnx-ir without reading external initializer data.
+
+    External references are checked as :func:`load_model` checks them (folder, symbolic links,
+    regular file, offset and length, size against the dims) but their data stays on disk: onnx-ir
+    memory-maps it when a pass reads it. Other external tensors (sparse, attributes) are read.
+    """
+    proto, files = load_unread(path, check=check)
+    p = Path(path)
+    model = to_ir(proto)
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    return Loaded(model, files, disk_bytes(p, files), proto)
+
+
+def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, set[str]]:
+    """(the checked model with its external initializers checked but not read, the real paths of
+    its data files): :func:`load_model` without reading external initializer data."""
+    p, proto = _parse(path)
+    files = check_external_data(proto, p)
+    load_external_data(proto, p, keep_initializers=True)
+    if check:
+        _check(proto, p)
+    return proto, files
+
+
+def parse_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
+    """(the model at ``path`` with external data references checked but not read, bytes on
+    disk with its data files); no model checks (for files onnxdns wrote itself)."""
+    p, proto = _parse(path)
+    return proto, disk_bytes(p, check_external_data(proto, p))
+
+
+def _parse(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
+    """The file checks and the protobuf parse, external data not read."""
     p = Path(path)
     try:
         st = p.stat()
@@ -167,18 +229,58 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise OnnxdnsError(f"{p}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
     if model.ir_version == 0 or not model.opset_import or not model.graph.node:
         raise OnnxdnsError(f"{p}: not an ONNX model (no IR version, opset or graph nodes)")
-    load_external_data(model, p)
-    if check:
-        check_supported(model, str(p))
-        try:
-            modelcheck.check_model(model)
-        except OnnxdnsError as e:
-            raise OnnxdnsError(f"{p}: {e}") from None
-        try:
-            onnx.checker.check_model(model)
-        except (onnx.checker.ValidationError, ValueError) as e:
-            raise OnnxdnsError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
-    return model
+    return p, model
+
+
+def _check(model: onnx.ModelProto, p: Path) -> None:
+    check_supported(model, str(p))
+    try:
+        modelcheck.check_model(model)
+    except OnnxdnsError as e:
+        raise OnnxdnsError(f"{p}: {e}") from None
+    try:
+        onnx.checker.check_model(_checker_view(model))
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise OnnxdnsError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
+
+
+#: Initializers larger than this are given to onnx.checker as empty tensors of the same name and
+#: type: its check does not look at their values, and a copy of the model without them is cheap.
+_CHECKER_STUB_BYTES = 1 << 20
+
+
+def _checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for onnx.checker without its large or external initializers' data (which the
+    checker would copy, or look for relative to the working directory). Their data are checked by
+    :mod:`onnxdns.modelcheck` and :mod:`onnxdns.external_data`."""
+    graph = model.graph
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() > _CHECKER_STUB_BYTES
+               for t in graph.initializer):
+        return model
+    view = onnx.ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(graph, view.graph, skip="initializer")
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() > _CHECKER_STUB_BYTES:
+            view.graph.initializer.add(name=t.name, data_type=t.data_type, dims=[0])
+        else:
+            view.graph.initializer.append(t)
+    return view
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _first_line(e: BaseException) -> str:
@@ -186,37 +288,94 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, protect: tuple = ()) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file + rename in the same folder).
+#: Serialized size above which a model must be written with external data (protobuf's limit is 2 GiB).
+PROTOBUF_LIMIT = 2_000_000_000
+#: Initializers of at least this many bytes go to the data file of an external-data output.
+EXTERNAL_THRESHOLD = 1024
 
-    ``protect`` lists paths (the inputs) that must never be overwritten.
+
+def data_file_name(path: str | os.PathLike) -> str:
+    """The external data file written beside ``path``: ``<name>.data``."""
+    return Path(path).name + ".data"
+
+
+def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, protect: tuple = (),
+               external_data: bool | None = False) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary files + rename in the same folder).
+
+    ``protect`` lists paths (the inputs and their data files) that must never be overwritten.
+    ``external_data``: True writes initializers of :data:`EXTERNAL_THRESHOLD` bytes or more to
+    ``<name>.data`` beside the model; None decides: external when the model's tensors exceed
+    :data:`PROTOBUF_LIMIT`. The model file and its data file are written in a temporary folder
+    beside the output and renamed into place, data file first; a failure leaves neither.
     """
-    if isinstance(model, ir.Model):
-        model = to_proto(model)
     out = Path(path)
+    data_path = out.with_name(data_file_name(out))
+    if external_data is None:
+        external_data = isinstance(model, ir.Model) and _tensor_bytes(model) > PROTOBUF_LIMIT
     for src in protect:
-        if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
-            raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
+        for target in (out, data_path) if external_data else (out,):
+            if src is not None and target.exists() and Path(src).exists() and os.path.samefile(target, src):
+                what = "the input model" if target == out else f"a file of the input model ({target.name})"
+                raise OnnxdnsError(f"{out}: refusing to overwrite {what}; choose another output path")
     if out.is_dir():
         raise OnnxdnsError(f"{out}: is a directory; give an output file name")
     if not out.parent.exists():
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    if external_data and not isinstance(model, ir.Model):
+        model = to_ir(model)
+    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        if model.ByteSize() > 2_000_000_000:
-            raise OnnxdnsError(f"{out}: model over 2 GB; external-data output is not supported")
-        onnx.save_model(model, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        tmp = Path(tmpdir) / out.name
+        if external_data:
+            _write_external(model, tmp)
+        else:
+            proto = to_proto(model) if isinstance(model, ir.Model) else model
+            if proto.ByteSize() > PROTOBUF_LIMIT:
+                raise OnnxdnsError(f"{out}: model over 2 GB; write it with external data (--external-data)")
+            onnx.save_model(proto, tmp)
+            del proto
+        written = [tmp.with_name(data_file_name(tmp))] if external_data else []
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, out)
+        for f in (*written, tmp):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)  # mkdtemp's folder is private; give the files the usual permissions
+        if external_data:
+            os.replace(written[0], data_path)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if external_data:
+                os.unlink(data_path)
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def _write_external(model: ir.Model, tmp: Path) -> None:
+    """Save ``model`` as ``tmp`` + ``tmp.data`` (initializers tagged for sparse storage stay inline)."""
+    values = [v for g in model.graphs() for v in g.initializers.values()
+              if v.const_value is not None and v.meta.get(SPARSE_TAG) != "sparse"
+              and v.const_value.nbytes >= EXTERNAL_THRESHOLD]
+    tensors = [v.const_value for v in values]
+    external: list[ir.ExternalTensor] = []
+    try:
+        external = ir.external_data.convert_tensors_to_external(tensors, str(tmp.parent), data_file_name(tmp))
+        for value, ext in zip(values, external):
+            value.const_value = ext
+        onnx.save_model(to_proto(model, keep_external=tuple(external)), tmp)
+    finally:
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
+    tmp.with_name(data_file_name(tmp)).touch()  # created empty when no initializer is large enough
 
 
 # --------------------------------------------------------------------------- ONNX <-> onnx-ir
@@ -278,11 +437,26 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     return irm
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
+def to_proto(model: ir.Model, *, keep_external: tuple[ir.ExternalTensor, ...] = ()) -> onnx.ModelProto:
     """Serialize from onnx-ir, storing initializers tagged by ``sparse-storage`` sparsely.
 
     A tagged initializer is stored densely when the sparse encoding would not be smaller.
+    Initializers still on disk (read by :func:`load_ir`) are stored in the proto, except those
+    in ``keep_external``, which stay references to their data file.
     """
+    kept = {id(t) for t in keep_external}
+    swapped = [(v, v.const_value) for g in model.graphs() for v in g.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor) and id(v.const_value) not in kept]
+    try:
+        for value, tensor in swapped:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+        return _to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _to_proto(model: ir.Model) -> onnx.ModelProto:
     tagged = {
         name for name, v in model.graph.initializers.items() if v.meta.get(SPARSE_TAG) == "sparse"
     }
