@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
 from onnxdns.external_data import check_external_data, disk_bytes, load_external_data
+from onnxdns.lazyload import LAZY_BYTES, parse_lazy
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +186,13 @@ def load_ir(path: str | os.PathLike, *, check: bool = True) -> Loaded:
     p = Path(path)
     model = to_ir(proto)
     ir.external_data.set_base_dir(model.graph, str(p.parent))
-    return Loaded(model, files, disk_bytes(p, files), proto)
+    return Loaded(model, files - {os.path.realpath(p)}, disk_bytes(p, files), proto)
 
 
 def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, set[str]]:
     """(the checked model with its external initializers checked but not read, the real paths of
     its data files): :func:`load_model` without reading external initializer data."""
-    p, proto = _parse(path)
+    p, proto = _parse(path, lazy=True)
     files = check_external_data(proto, p)
     load_external_data(proto, p, keep_initializers=True)
     if check:
@@ -202,12 +203,15 @@ def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.Mo
 def parse_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     """(the model at ``path`` with external data references checked but not read, bytes on
     disk with its data files); no model checks (for files onnxdns wrote itself)."""
-    p, proto = _parse(path)
+    p, proto = _parse(path, lazy=True)
     return proto, disk_bytes(p, check_external_data(proto, p))
 
 
-def _parse(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
-    """The file checks and the protobuf parse, external data not read."""
+def _parse(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Path, onnx.ModelProto]:
+    """The file checks and the protobuf parse, external data not read.
+
+    ``lazy``: large initializers stored in the file become external references to the file
+    itself (see :mod:`onnxdns.lazyload`), read by memory-mapping when used."""
     p = Path(path)
     try:
         st = p.stat()
@@ -222,7 +226,9 @@ def _parse(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
     if st.st_size == 0:
         raise OnnxdnsError(f"{p}: empty file, not an ONNX model")
     try:
-        model = onnx.load_model(str(p), load_external_data=False)
+        model = parse_lazy(p) if lazy else None
+        if model is None:
+            model = onnx.load_model(str(p), load_external_data=False)
     except OSError as e:
         raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
@@ -451,6 +457,26 @@ def to_proto(model: ir.Model, *, keep_external: tuple[ir.ExternalTensor, ...] = 
         for value, tensor in swapped:
             value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
         return _to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def shape_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` serialized for shape inference: initializers of :data:`~onnxdns.lazyload.LAZY_BYTES`
+    bytes or more become external references to nowhere (their type and dims are all shape
+    inference needs), so no weight is read or copied. Not a loadable model."""
+    swapped = []
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and not isinstance(t, ir.ExternalTensor) and t.nbytes >= LAZY_BYTES:
+                swapped.append((v, t))
+    try:
+        for value, tensor in swapped:
+            value.const_value = ir.ExternalTensor("onnxdns-shape-stub", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+        return ir.serde.serialize_model(model)
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
