@@ -8,6 +8,7 @@ numeric validation) and compared with the input in onnxruntime.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from pathlib import Path
@@ -156,6 +157,7 @@ def optimize(
     except OSError as e:
         raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
     del ir_model, applied
+    gc.collect()  # onnx-ir graphs hold reference cycles: free the weights' mappings before the sessions
     proto, out_bytes = modelio.parse_model(out)
     after = model_stats(proto, file_bytes=out_bytes, model_path=out)
     del proto
@@ -241,18 +243,21 @@ def _validation_effort(macs: int, data: Any, samples: int | None) -> dict[str, A
 def _check_structure(path: Path) -> str | None:
     """None when the saved model passes onnx's checker and its full check (strict shape inference).
 
+    Large initializers are not read (see :func:`onnxdns.modelio.parse_model`): onnx.checker
+    sees them as stubs (:func:`onnxdns.modelio.checker_view`), shape inference needs their dims only.
     onnx's shape inference types sparse initializers as ``sparse_tensor``, which no standard
     operator accepts (onnxruntime densifies them at load time), so the full check runs on a copy
     whose sparse initializers are stored densely.
     """
     try:
-        model = onnx.load_model(str(path))
-        onnx.checker.check_model(model)
+        model, _ = modelio.parse_model(path)  # large initializers stay on disk, unread
+        onnx.checker.check_model(modelio.checker_view(model))
         if model.graph.sparse_initializer:
             for sp in model.graph.sparse_initializer:
                 model.graph.initializer.append(numpy_helper.from_array(modelio.sparse_to_array(sp), sp.values.name))
             del model.graph.sparse_initializer[:]
-        onnx.checker.check_model(model, full_check=True)
+        # the full check's second half (strict shape inference), on the weightless parse
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as e:  # the checker and shape inference raise several types
         return _reason(e)
     return None

@@ -245,7 +245,7 @@ def _check(model: onnx.ModelProto, p: Path) -> None:
     except OnnxdnsError as e:
         raise OnnxdnsError(f"{p}: {e}") from None
     try:
-        onnx.checker.check_model(_checker_view(model))
+        onnx.checker.check_model(checker_view(model))
     except (onnx.checker.ValidationError, ValueError) as e:
         raise OnnxdnsError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
 
@@ -255,7 +255,7 @@ def _check(model: onnx.ModelProto, p: Path) -> None:
 _CHECKER_STUB_BYTES = 1 << 20
 
 
-def _checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
+def checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` for onnx.checker without its large or external initializers' data (which the
     checker would copy, or look for relative to the working directory). Their data are checked by
     :mod:`onnxdns.modelcheck` and :mod:`onnxdns.external_data`."""
@@ -335,12 +335,13 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
         tmp = Path(tmpdir) / out.name
         if external_data:
             _write_external(model, tmp)
-        else:
-            proto = to_proto(model) if isinstance(model, ir.Model) else model
-            if proto.ByteSize() > PROTOBUF_LIMIT:
+        elif isinstance(model, ir.Model):
+            if _write_streaming(model, tmp) > PROTOBUF_LIMIT:
                 raise OnnxdnsError(f"{out}: model over 2 GB; write it with external data (--external-data)")
-            onnx.save_model(proto, tmp)
-            del proto
+        else:
+            if model.ByteSize() > PROTOBUF_LIMIT:
+                raise OnnxdnsError(f"{out}: model over 2 GB; write it with external data (--external-data)")
+            onnx.save_model(model, tmp)
         written = [tmp.with_name(data_file_name(tmp))] if external_data else []
         umask = os.umask(0)
         os.umask(umask)
@@ -364,6 +365,92 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
                if v.const_value is not None)
+
+
+def _write_streaming(model: ir.Model, tmp: Path) -> int:
+    """Write ``model`` as one protobuf file without building it in memory; return its size.
+
+    The model is serialized with its large main-graph initializers (:data:`LAZY_BYTES` or more,
+    not tagged for sparse storage) as stubs; the file is then written field by field (protobuf
+    accepts fields in any order) with each large tensor's bytes copied from its array in chunks,
+    so no copy of the weights is made (memory-mapped ones are read from their file). Stops
+    before writing anything past :data:`PROTOBUF_LIMIT` bytes.
+    """
+    values = [v for v in model.graph.initializers.values()
+              if v.const_value is not None and v.meta.get(SPARSE_TAG) != "sparse"
+              and v.const_value.nbytes >= LAZY_BYTES]
+    tensors = [v.const_value for v in values]
+    try:
+        for value, tensor in zip(values, tensors):
+            value.const_value = ir.ExternalTensor("onnxdns-stream", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+        proto = to_proto(model, keep_external=tuple(v.const_value for v in values))
+    finally:
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
+    big = {v.name: t for v, t in zip(values, tensors)}
+    entries = []  # (serialized TensorProto without raw_data, the tensor whose bytes follow, or None)
+    for init in proto.graph.initializer:
+        tensor = big.get(init.name)
+        if tensor is not None:
+            init.ClearField("data_location")
+            del init.external_data[:]
+        entries.append((init.SerializeToString(), tensor))
+    del proto.graph.initializer[:]
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+
+    def tensor_len(header: bytes, tensor) -> int:
+        return len(header) + (0 if tensor is None else len(_key(9)) + len(_varint(tensor.nbytes)) + tensor.nbytes)
+
+    sizes = [tensor_len(h, t) for h, t in entries]
+    graph_len = len(graph) + sum(len(_key(5)) + len(_varint(n)) + n for n in sizes)
+    total = len(head) + len(_key(7)) + len(_varint(graph_len)) + graph_len
+    if total > PROTOBUF_LIMIT:
+        return total
+    with open(tmp, "wb") as fh:
+        fh.write(head + _key(7) + _varint(graph_len) + graph)
+        for (header, tensor), size in zip(entries, sizes):
+            fh.write(_key(5) + _varint(size) + header)
+            if tensor is not None:
+                fh.write(_key(9) + _varint(tensor.nbytes))
+                _write_tensor_bytes(fh, tensor)
+    return total
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # a length-delimited field's key
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+#: Bytes written at a time by :func:`_write_tensor_bytes`.
+_WRITE_CHUNK = 16 * 2**20
+
+
+def _write_tensor_bytes(fh, tensor) -> None:
+    """Write ``tensor.tobytes()`` without making it (plain numeric dtypes are written in chunks)."""
+    array = tensor.numpy() if tensor.dtype.bitwidth == 8 * tensor.dtype.itemsize else None
+    if array is None or array.dtype.kind not in "biuf" or array.dtype.byteorder == ">":
+        data = tensor.tobytes()
+        if len(data) != tensor.nbytes:
+            raise OnnxdnsError(f"initializer {tensor.name}: {len(data)} bytes, expected {tensor.nbytes}")
+        fh.write(data)
+        return
+    flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+    raw = flat.view(np.uint8)
+    if raw.size != tensor.nbytes:
+        raise OnnxdnsError(f"initializer {tensor.name}: {raw.size} bytes, expected {tensor.nbytes}")
+    for i in range(0, raw.size, _WRITE_CHUNK):
+        fh.write(raw[i:i + _WRITE_CHUNK].data)
 
 
 def _write_external(model: ir.Model, tmp: Path) -> None:
