@@ -151,6 +151,7 @@ def optimize(
             raise OnnxdnsError(f"pass '{pass_.name}' cannot run on this model: {_reason(e)}") from None
         runs.append(PassRun(pass_.name, bool(applied.modified), time.perf_counter() - t0, dict(applied.details)))
         ir_model = applied.model
+        modelio.release_mapped(ir_model)
 
     try:
         modelio.save_model(ir_model, out, protect=(src, *before_files), external_data=external_data)
@@ -168,7 +169,7 @@ def optimize(
     # Compared with the input file, untouched on disk (the in-memory proto shares buffers with the passes' model).
     validation = _validate_output(src, out, target=target, fp16=fp16, exact=exact, lossy=lossy,
                                   numeric=validate, data=dataset if dataset is not None else data, samples=samples,
-                                  macs=before.macs)
+                                  macs=before.macs, source_bytes=before.file_bytes)
     return OptimizeResult(src, out, target, precision, tuple(runs), before, after, validation)
 
 
@@ -229,15 +230,19 @@ VALIDATION_MACS = 4 * 10**10
 def _validation_effort(macs: int, data: Any, samples: int | None) -> dict[str, Any]:
     """Samples and latency runs for validating a model of ``macs`` MACs per sample.
 
-    Small models get 256 random samples and latency at batch 1 and 32; large ones (VGG-16 on
-    ImageNet: 15.5 GMACs) fewer samples and batch 1 only, so validation stays within seconds.
+    Small models get 256 random samples (run 32 at a time) and latency at batch 1 and 32; large
+    ones (VGG-16 on ImageNet: 15.5 GMACs) fewer samples, run one at a time, and latency at batch
+    1 only, so validation stays within seconds and the activations' memory small.
     Dataset validation always uses the whole test split unless ``samples`` is given.
     """
     macs = max(int(macs), 1)
     if samples is None and data == "random":
         samples = int(min(256, max(8, VALIDATION_MACS // macs)))
     small = 32 * macs * 10 <= VALIDATION_MACS
-    return {"samples": samples, "latency_batches": (1, 32) if small else (1,), "repeats": 10 if small else 3}
+    # large ones run one sample at a time: activations of a batch (VGG-16, 8 samples: ~0.5 GB
+    # per session) would outweigh the shared, memory-mapped weights
+    return {"samples": samples, "latency_batches": (1, 32) if small else (1,), "repeats": 10 if small else 3,
+            "batch": 32 if small else 1}
 
 
 def _check_structure(path: Path) -> str | None:
@@ -287,11 +292,15 @@ def _structure(source: Path, out: Path) -> tuple[str | None, str]:
     return f"structure check failed: {problem}", ""
 
 
-def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: int) -> tuple[Any, str | None]:
+def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: int,
+                large: bool = False, numeric: bool = False) -> tuple[Any, str | None]:
     """(an onnxruntime session of the output, or None; why it cannot be created).
 
     Made with the default graph optimizations, so what onnxruntime does at load time (constant
-    folding, If inlining, fusions, and the shape inference after them) is checked too.
+    folding, If inlining, fusions, and the shape inference after them) is checked too. ``large``
+    models get sessions on their memory-mapped weights, and with ``numeric`` a session of the
+    input that shares the weights both files hold (:func:`onnxdns.runtime.mapped_sessions`): the
+    session is then the pair (output, input).
     """
     from onnxdns import runtime
 
@@ -299,6 +308,10 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
         return _reason(e).removeprefix("onnxruntime cannot load the model: ")
 
     try:
+        if large:
+            sessions = runtime.mapped_sessions(out, source if numeric else None, providers=providers,
+                                               threads=threads, spinning=False)
+            return (sessions if numeric else sessions[0]), None
         return runtime.make_session(out, providers=providers, threads=threads, spinning=False), None
     except OnnxdnsError as e:
         problem = f"the output does not load in onnxruntime: {why(e)}"
@@ -310,7 +323,8 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
 
 
 def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact: bool,
-                     lossy: list[str], numeric: bool, data: Any, samples: int | None, macs: int) -> Validation:
+                     lossy: list[str], numeric: bool, data: Any, samples: int | None, macs: int,
+                     source_bytes: int = 0) -> Validation:
     """Check the saved output: onnx's structure checks (failures the input shares are noted, not
     failed), an onnxruntime session (always: an output that does not load fails, with or without
     numeric validation), then the numeric comparison with the input when asked for."""
@@ -324,9 +338,13 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if target == "cuda" and cuda else ("CPUExecutionProvider",)
     where = "CUDA" if providers[0] == "CUDAExecutionProvider" else "CPU"
     # the session is the comparison's when there is one (onnxruntime picks the threads), else one thread
-    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1)
+    large = source_bytes >= runtime.NO_PREPACK_BYTES
+    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1, large=large, numeric=numeric)
     if problem is not None:
         return Validation("failed", problem)
+    reference: Any = source
+    if large and numeric:
+        session, reference = session
     loads = f"loads in onnxruntime ({where})"
     if not numeric:
         return Validation("structure-only", f"numeric validation skipped (--no-validate); {loads}; {structure}")
@@ -336,7 +354,7 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     note = " (CUDA absent: cuda-target model validated on the CPU provider)" if target == "cuda" and not cuda else ""
     inherited = "" if structure == STRUCTURE_OK else f"; {structure}"
     try:
-        comparison = compare(source, session, data=data, providers=providers, **_validation_effort(macs, data, samples))
+        comparison = compare(reference, session, data=data, providers=providers, **_validation_effort(macs, data, samples))
     except OnnxdnsError as e:
         return Validation("failed", f"cannot compare the output with the input in onnxruntime: {e}")
     scale = max(1.0, comparison.output_scale)

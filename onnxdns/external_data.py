@@ -12,6 +12,7 @@ file (a FIFO or device would block or never end), or when offset and length fall
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -78,6 +79,18 @@ def memmap(tensor: TensorProto, model_path: str | os.PathLike, where: str = "ten
     if ref.size == 0:
         return np.zeros(shape, dtype)
     return np.memmap(ref.real, dtype=dtype, mode="r", offset=ref.start, shape=shape)
+
+
+def drop_pages(array) -> None:
+    """Take a memory-mapped array's pages out of the process's resident set (they stay in the
+    page cache; a later read maps them again), so reading every weight once does not make the
+    process hold the whole model. Arrays that are not memory-mapped are left alone."""
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            raw.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def disk_bytes(model_path: str | os.PathLike, data_files: set[str] | frozenset[str] = frozenset()) -> int:

@@ -549,6 +549,18 @@ def to_proto(model: ir.Model, *, keep_external: tuple[ir.ExternalTensor, ...] = 
             value.const_value = tensor
 
 
+def release_mapped(model: ir.Model) -> None:
+    """Close the memory mappings of ``model``'s external initializers whose data no one holds (a
+    later read maps them again): the pages a pass read leave the process's resident set."""
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                try:
+                    v.const_value.release()
+                except BufferError:  # a view of the data is still alive: keep the mapping
+                    pass
+
+
 def shape_proto(model: ir.Model) -> onnx.ModelProto:
     """``model`` serialized for shape inference: initializers of :data:`~onnxdns.lazyload.LAZY_BYTES`
     bytes or more become external references to nowhere (their type and dims are all shape

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -31,13 +33,15 @@ def make_session(
     threads: int = 0,
     optimization: str = "all",
     spinning: bool = True,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` for a model proto, serialized bytes or a path.
 
     ``threads=0`` lets onnxruntime pick (all cores); ``optimization`` is one of
     ``disable|basic|extended|all``. ``spinning=False`` makes the intra-op pool's threads sleep
     instead of spin-waiting for work after a run (needed when several sessions run in turn, see
-    :func:`onnxdns.validate.measure_latency`).
+    :func:`onnxdns.validate.measure_latency`). ``initializers`` replace the model's initializers
+    of the same names by these arrays, which onnxruntime uses in place (see :func:`mapped_sessions`).
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -51,7 +55,7 @@ def make_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     so.log_severity_level = 3
-    if not isinstance(model, (onnx.ModelProto, bytes)) and _stored_bytes(model) >= NO_PREPACK_BYTES:
+    if initializers or not isinstance(model, (onnx.ModelProto, bytes)) and _stored_bytes(model) >= NO_PREPACK_BYTES:
         # prepacked copies of the Gemm/MatMul weights would add ~the model's size again per
         # session, and an arena would keep each session's largest activations after its runs
         so.add_session_config_entry("session.disable_prepacking", "1")
@@ -62,8 +66,13 @@ def make_session(
         payload = model
     else:
         payload = str(model)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+    for name, value in zip(initializers or {}, values):
+        so.add_initializer(name, value)
     try:
-        return ort.InferenceSession(payload, sess_options=so, providers=list(providers))
+        session = ort.InferenceSession(payload, sess_options=so, providers=list(providers))
+        session._onnxdns_initializers = (dict(initializers or {}), values)  # must outlive the session
+        return session
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(e).strip().splitlines()
         raise OnnxdnsError(f"onnxruntime cannot load the model: {msg[0] if msg else type(e).__name__}") from None
@@ -83,6 +92,62 @@ def _stored_bytes(path: str | os.PathLike) -> int:
         return size + (os.path.getsize(data) if os.path.exists(data) else 0)
     except OSError:
         return 0
+
+
+#: Data types :func:`mapped_sessions` hands to onnxruntime as mapped arrays.
+_MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                 onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
+
+
+def mapped_sessions(output: str | os.PathLike, source: str | os.PathLike | None = None,
+                    **options) -> tuple[ort.InferenceSession, ort.InferenceSession | None]:
+    """(a session of ``output``, one of ``source`` or None) whose large initializers are the
+    memory-mapped bytes of their files, given to onnxruntime without a copy; the ``source``
+    session reuses the output's arrays for the initializers whose bytes are equal (checked), so
+    both sessions hold one copy of the weights they share. For models too large for a session
+    per copy of the weights (see :data:`NO_PREPACK_BYTES`). ``options`` go to :func:`make_session`.
+    """
+    out_session = _mapped_session(output, {}, **options)
+    if source is None:
+        return out_session, None
+    return out_session, _mapped_session(source, out_session._onnxdns_initializers[0], **options)
+
+
+def _mapped_session(path, shared: Mapping[str, np.ndarray], **options) -> ort.InferenceSession:
+    from onnxdns import modelio
+    from onnxdns.external_data import memmap
+
+    # large and external initializers stay references to their files; other external data is read
+    proto, _ = modelio.load_unread(path, check=False)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.data_type not in _MAPPED_TYPES:
+            return make_session(path, **options)
+        array = memmap(tensor, path, f"initializer {tensor.name}")
+        other = shared.get(tensor.name)
+        arrays[tensor.name] = other if other is not None and _same_bytes(array, other) else array
+        del array  # unmapped unless kept: the comparison's pages leave the resident set
+    # onnxruntime's graph optimizers may still read an initializer's own data (and need the
+    # model's folder to find it): the session is made from a file beside the model
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".session.onnx", dir=Path(path).parent)
+    except OSError:  # a read-only folder: an ordinary session
+        return make_session(path, **options)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        return make_session(tmp, initializers=arrays, **options)
+    finally:
+        os.unlink(tmp)
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 16 * 2**20) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    x, y = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    return all(np.array_equal(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.size, chunk))
 
 
 def run(model, feeds: Mapping[str, np.ndarray], **session_kwargs) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxdns.errors import OnnxdnsError
-from onnxdns.external_data import memmap
+from onnxdns.external_data import drop_pages, memmap
 from onnxdns.modelio import sparse_to_array
 
 #: Operators that get a row of their own in the per-layer table.
@@ -104,7 +104,7 @@ def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None,
     return ModelStats(
         layers=layers,
         params=sum(int(a.size) for a in floats),
-        nonzeros=sum(int(np.count_nonzero(a)) for a in floats),
+        nonzeros=sum(_count_nonzero(a) for a in floats),
         macs=int(sum(known)),
         macs_complete=len(known) == len(counted),
         nodes=len(model.graph.node),
@@ -307,7 +307,7 @@ def _layer(node: onnx.NodeProto, index: int, constants: dict[str, np.ndarray],
         value = const(slot)
         if value is not None:
             params += int(value.size)
-            nonzeros += int(np.count_nonzero(value))
+            nonzeros += _count_nonzero(value)
     weight = const(weight_slot)
     weight_shape = tuple(int(d) for d in weight.shape) if weight is not None else shape(weight_slot)
     return LayerStats(
@@ -326,3 +326,17 @@ def _prod(dims: Iterable[int]) -> int:
         out *= int(d)
     return out
 
+
+
+def _count_nonzero(array: np.ndarray) -> int:
+    """Non-zeros of ``array``; a memory-mapped one is read 16 MiB at a time, each part leaving
+    the resident set once counted (the process never holds the whole weight)."""
+    if getattr(array, "_mmap", None) is None:
+        return int(np.count_nonzero(array))
+    flat = array.reshape(-1)
+    step = max(1, (16 << 20) // max(1, flat.itemsize))
+    count = 0
+    for i in range(0, flat.size, step):
+        count += int(np.count_nonzero(flat[i:i + step]))
+        drop_pages(array)
+    return count
