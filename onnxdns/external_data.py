@@ -85,7 +85,11 @@ def drop_pages(array) -> None:
     """Take a memory-mapped array's pages out of the process's resident set (they stay in the
     page cache; a later read maps them again), so reading every weight once does not make the
     process hold the whole model. Arrays that are not memory-mapped are left alone."""
-    raw = getattr(array, "_mmap", None)
+    raw = getattr(array, "_mmap", None)  # np.memmap
+    base = array
+    while raw is None and base is not None:  # np.frombuffer(mmap) (onnx-ir), views of it
+        raw = base if isinstance(base, mmap.mmap) else None
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
     if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         try:
             raw.madvise(mmap.MADV_DONTNEED)

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 
 from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
-from onnxdns.external_data import check_external_data, disk_bytes, load_external_data
+from onnxdns.external_data import check_external_data, disk_bytes, drop_pages, load_external_data
 from onnxdns.lazyload import LAZY_BYTES, parse_lazy
 
 logger = logging.getLogger(__name__)
@@ -451,6 +451,7 @@ def _write_tensor_bytes(fh, tensor) -> None:
         raise OnnxdnsError(f"initializer {tensor.name}: {raw.size} bytes, expected {tensor.nbytes}")
     for i in range(0, raw.size, _WRITE_CHUNK):
         fh.write(raw[i:i + _WRITE_CHUNK].data)
+        drop_pages(array)  # a memory-mapped weight does not stay resident once written
 
 
 def _write_external(model: ir.Model, tmp: Path) -> None:

@@ -14,6 +14,7 @@ from onnxdns.channels.analysis import ChannelGraph
 from onnxdns.channels.constants import unknown
 from onnxdns.channels.handlers.base import Handler, _changed, _fold_value, _padded
 from onnxdns.channels.layout import Layout
+from onnxdns.external_data import drop_pages
 
 
 class ConvHandler(Handler):
@@ -334,17 +335,17 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def _any_nonzero(a: np.ndarray, keep: int) -> np.ndarray:
     """``(a != 0).any(axis=1 - keep)`` for a 2-D ``a``, in chunks along its memory layout (no
-    temporary array the size of ``a``; a transposed view is read in its stored order)."""
+    temporary array the size of ``a``; a transposed view is read in its stored order; the pages
+    of a memory-mapped ``a`` are dropped from the resident set as it goes)."""
     if not a.flags.c_contiguous and a.T.flags.c_contiguous:
         a, keep = a.T, 1 - keep
     rows, cols = a.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, cols))
-    if keep == 1:
-        out = np.zeros(cols, dtype=bool)
-        for i in range(0, rows, step):
-            out |= (a[i:i + step] != 0).any(axis=0)
-        return out
-    out = np.zeros(rows, dtype=bool)
+    out = np.zeros(cols if keep == 1 else rows, dtype=bool)
     for i in range(0, rows, step):
-        out[i:i + step] = (a[i:i + step] != 0).any(axis=1)
+        if keep == 1:
+            out |= (a[i:i + step] != 0).any(axis=0)
+        else:
+            out[i:i + step] = (a[i:i + step] != 0).any(axis=1)
+        drop_pages(a)  # a memory-mapped weight's pages leave the resident set once read
     return out
