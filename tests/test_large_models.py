@@ -109,3 +109,37 @@ def test_any_nonzero_matches_numpy(transpose, monkeypatch):
     a = a.T if transpose else a
     for keep in (0, 1):
         assert np.array_equal(_any_nonzero(a, keep), (a != 0).any(axis=1 - keep))
+
+
+def test_large_model_sessions_share_the_mapped_weights(tmp_path, monkeypatch):
+    """Above NO_PREPACK_BYTES (lowered here), validation runs on memory-mapped weights and the
+    input's session uses the output's arrays for weights whose bytes are equal."""
+    from onnxdns import runtime
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(mlp(), src)
+    out = tmp_path / "out.onnx"
+    monkeypatch.setattr(runtime, "NO_PREPACK_BYTES", 0)
+    result = api.optimize(src, out)
+    assert result.validation.status == "passed", result.validation.message
+    assert result.validation.comparison.max_abs_diff == 0.0
+    out_session, in_session = runtime.mapped_sessions(out, src)
+    shared_out, shared_in = out_session._onnxdns_initializers[0], in_session._onnxdns_initializers[0]
+    assert set(shared_in) == {"W"}  # the only initializer large enough to stay in the file
+    assert shared_in["W"] is shared_out["W"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the sessions' files are gone
+
+
+def test_different_weights_are_not_shared(tmp_path):
+    from onnxdns import runtime
+
+    a, b = mlp(), mlp()
+    w = numpy_helper.to_array(b.graph.initializer[0]).copy()
+    w[0, 0] += 1.0
+    b.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    onnx.save_model(a, tmp_path / "a.onnx")
+    onnx.save_model(b, tmp_path / "b.onnx")
+    out_session, in_session = runtime.mapped_sessions(tmp_path / "b.onnx", tmp_path / "a.onnx")
+    assert in_session._onnxdns_initializers[0]["W"] is not out_session._onnxdns_initializers[0]["W"]
+    x = {"x": np.ones((2, 256), np.float32)}
+    assert not np.array_equal(out_session.run(None, x)[0], in_session.run(None, x)[0])
