@@ -192,7 +192,7 @@ def load_ir(path: str | os.PathLike, *, check: bool = True) -> Loaded:
 def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, set[str]]:
     """(the checked model with its external initializers checked but not read, the real paths of
     its data files): :func:`load_model` without reading external initializer data."""
-    p, proto = _parse(path, lazy=True)
+    p, proto = _parse(path, lazy=True, require_nodes=check)
     files = check_external_data(proto, p)
     load_external_data(proto, p, keep_initializers=True)
     if check:
@@ -203,15 +203,17 @@ def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.Mo
 def parse_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     """(the model at ``path`` with external data references checked but not read, bytes on
     disk with its data files); no model checks (for files onnxdns wrote itself)."""
-    p, proto = _parse(path, lazy=True)
+    p, proto = _parse(path, lazy=True, require_nodes=False)  # a fully folded output has no nodes
     return proto, disk_bytes(p, check_external_data(proto, p))
 
 
-def _parse(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Path, onnx.ModelProto]:
+def _parse(path: str | os.PathLike, *, lazy: bool = False, require_nodes: bool = True) -> tuple[Path, onnx.ModelProto]:
     """The file checks and the protobuf parse, external data not read.
 
     ``lazy``: large initializers stored in the file become external references to the file
-    itself (see :mod:`onnxdns.lazyload`), read by memory-mapping when used."""
+    itself (see :mod:`onnxdns.lazyload`), read by memory-mapping when used. ``require_nodes``
+    refuses a graph without nodes (not a model a user means to optimize; onnxdns's own outputs
+    may have none when every node folded into a constant)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -233,7 +235,7 @@ def _parse(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Path, onnx.M
         raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise OnnxdnsError(f"{p}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
-    if model.ir_version == 0 or not model.opset_import or not model.graph.node:
+    if model.ir_version == 0 or not model.opset_import or (require_nodes and not model.graph.node):
         raise OnnxdnsError(f"{p}: not an ONNX model (no IR version, opset or graph nodes)")
     return p, model
 

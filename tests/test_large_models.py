@@ -143,3 +143,21 @@ def test_different_weights_are_not_shared(tmp_path):
     assert in_session._onnxdns_initializers[0]["W"] is not out_session._onnxdns_initializers[0]["W"]
     x = {"x": np.ones((2, 256), np.float32)}
     assert not np.array_equal(out_session.run(None, x)[0], in_session.run(None, x)[0])
+
+
+def test_a_large_constant_folds_and_the_node_less_output_is_accepted(tmp_path):
+    """fold-constants evaluates a node on a memory-mapped constant (it used to hand onnxruntime
+    a reference to the file), and the fully folded output, which has no node, is not refused."""
+    c = np.linspace(-1, 1, 32 * 1024, dtype=np.float32).reshape(32, 1024)  # 128 KiB: mapped
+    graph = helper.make_graph([helper.make_node("Relu", ["C"], ["y"])], "folded", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 1024])],
+                              [numpy_helper.from_array(c, "C")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save_model(model, src)
+    result = api.optimize(src, out, validate=False)
+    assert result.ok, result.validation.message
+    written = onnx.load_model(str(out))
+    assert not written.graph.node
+    assert np.array_equal(numpy_helper.to_array(written.graph.initializer[0]), np.maximum(c, 0))
