@@ -293,14 +293,12 @@ def _structure(source: Path, out: Path) -> tuple[str | None, str]:
 
 
 def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: int,
-                large: bool = False, numeric: bool = False) -> tuple[Any, str | None]:
+                large: bool = False) -> tuple[Any, str | None]:
     """(an onnxruntime session of the output, or None; why it cannot be created).
 
     Made with the default graph optimizations, so what onnxruntime does at load time (constant
     folding, If inlining, fusions, and the shape inference after them) is checked too. ``large``
-    models get sessions on their memory-mapped weights, and with ``numeric`` a session of the
-    input that shares the weights both files hold (:func:`onnxdns.runtime.mapped_sessions`): the
-    session is then the pair (output, input).
+    models get a session on their memory-mapped weights (:func:`onnxdns.runtime.mapped_session`).
     """
     from onnxdns import runtime
 
@@ -309,9 +307,7 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
 
     try:
         if large:
-            sessions = runtime.mapped_sessions(out, source if numeric else None, providers=providers,
-                                               threads=threads, spinning=False)
-            return (sessions if numeric else sessions[0]), None
+            return runtime.mapped_session(out, providers=providers, threads=threads, spinning=False), None
         return runtime.make_session(out, providers=providers, threads=threads, spinning=False), None
     except OnnxdnsError as e:
         problem = f"the output does not load in onnxruntime: {why(e)}"
@@ -339,12 +335,9 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     where = "CUDA" if providers[0] == "CUDAExecutionProvider" else "CPU"
     # the session is the comparison's when there is one (onnxruntime picks the threads), else one thread
     large = source_bytes >= runtime.NO_PREPACK_BYTES
-    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1, large=large, numeric=numeric)
+    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1, large=large)
     if problem is not None:
         return Validation("failed", problem)
-    reference: Any = source
-    if large and numeric:
-        session, reference = session
     loads = f"loads in onnxruntime ({where})"
     if not numeric:
         return Validation("structure-only", f"numeric validation skipped (--no-validate); {loads}; {structure}")
@@ -354,6 +347,9 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     note = " (CUDA absent: cuda-target model validated on the CPU provider)" if target == "cuda" and not cuda else ""
     inherited = "" if structure == STRUCTURE_OK else f"; {structure}"
     try:
+        # a large input's session shares the weights the output holds unchanged
+        reference = (runtime.mapped_session(source, session, providers=providers, spinning=False)
+                     if large else source)
         comparison = compare(reference, session, data=data, providers=providers, **_validation_effort(macs, data, samples))
     except OnnxdnsError as e:
         return Validation("failed", f"cannot compare the output with the input in onnxruntime: {e}")

@@ -41,7 +41,7 @@ def make_session(
     ``disable|basic|extended|all``. ``spinning=False`` makes the intra-op pool's threads sleep
     instead of spin-waiting for work after a run (needed when several sessions run in turn, see
     :func:`onnxdns.validate.measure_latency`). ``initializers`` replace the model's initializers
-    of the same names by these arrays, which onnxruntime uses in place (see :func:`mapped_sessions`).
+    of the same names by these arrays, which onnxruntime uses in place (see :func:`mapped_session`).
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -94,23 +94,22 @@ def _stored_bytes(path: str | os.PathLike) -> int:
         return 0
 
 
-#: Data types :func:`mapped_sessions` hands to onnxruntime as mapped arrays.
+#: Data types :func:`mapped_session` hands to onnxruntime as mapped arrays.
 _MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
                  onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
 
 
-def mapped_sessions(output: str | os.PathLike, source: str | os.PathLike | None = None,
-                    **options) -> tuple[ort.InferenceSession, ort.InferenceSession | None]:
-    """(a session of ``output``, one of ``source`` or None) whose large initializers are the
-    memory-mapped bytes of their files, given to onnxruntime without a copy; the ``source``
-    session reuses the output's arrays for the initializers whose bytes are equal (checked), so
-    both sessions hold one copy of the weights they share. For models too large for a session
-    per copy of the weights (see :data:`NO_PREPACK_BYTES`). ``options`` go to :func:`make_session`.
+def mapped_session(path: str | os.PathLike, share_with: ort.InferenceSession | None = None,
+                   **options) -> ort.InferenceSession:
+    """A session of the model at ``path`` whose external and large initializers are the
+    memory-mapped bytes of their files, given to onnxruntime without a copy. With ``share_with``
+    (another mapped session), initializers whose bytes equal that session's (checked) use its
+    arrays, so both sessions hold one copy of the weights they share. For models too large for a
+    session per copy of the weights (see :data:`NO_PREPACK_BYTES`); ``options`` go to
+    :func:`make_session`.
     """
-    out_session = _mapped_session(output, {}, **options)
-    if source is None:
-        return out_session, None
-    return out_session, _mapped_session(source, out_session._onnxdns_initializers[0], **options)
+    shared = getattr(share_with, "_onnxdns_initializers", ({}, []))[0]
+    return _mapped_session(path, shared, **options)
 
 
 def _mapped_session(path, shared: Mapping[str, np.ndarray], **options) -> ort.InferenceSession:

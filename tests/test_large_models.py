@@ -123,7 +123,8 @@ def test_large_model_sessions_share_the_mapped_weights(tmp_path, monkeypatch):
     result = api.optimize(src, out)
     assert result.validation.status == "passed", result.validation.message
     assert result.validation.comparison.max_abs_diff == 0.0
-    out_session, in_session = runtime.mapped_sessions(out, src)
+    out_session = runtime.mapped_session(out)
+    in_session = runtime.mapped_session(src, out_session)
     shared_out, shared_in = out_session._onnxdns_initializers[0], in_session._onnxdns_initializers[0]
     assert set(shared_in) == {"W"}  # the only initializer large enough to stay in the file
     assert shared_in["W"] is shared_out["W"]
@@ -139,7 +140,8 @@ def test_different_weights_are_not_shared(tmp_path):
     b.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
     onnx.save_model(a, tmp_path / "a.onnx")
     onnx.save_model(b, tmp_path / "b.onnx")
-    out_session, in_session = runtime.mapped_sessions(tmp_path / "b.onnx", tmp_path / "a.onnx")
+    out_session = runtime.mapped_session(tmp_path / "b.onnx")
+    in_session = runtime.mapped_session(tmp_path / "a.onnx", out_session)
     assert in_session._onnxdns_initializers[0]["W"] is not out_session._onnxdns_initializers[0]["W"]
     x = {"x": np.ones((2, 256), np.float32)}
     assert not np.array_equal(out_session.run(None, x)[0], in_session.run(None, x)[0])
