@@ -8,6 +8,7 @@ numeric validation) and compared with the input in onnxruntime.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ def optimize(
     download: bool = False,
     samples: int | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    external_data: bool | None = None,
 ) -> OptimizeResult:
     """Run the ``target`` pipeline (or the passes named in ``passes``) and save the result.
 
@@ -115,6 +117,10 @@ def optimize(
     an opened :class:`~onnxdns.sources.Source`). The inputs are
     decided, and the input model run on them, before anything is written: a model that cannot
     run on them, or inputs over the memory budget, is an :class:`OnnxdnsError`.
+
+    ``external_data``: True writes the output's initializers to ``<output>.data``; None (default)
+    does so when the input has external data or the output would exceed protobuf's 2 GB limit.
+    Initializers the passes do not change are not copied in memory (external ones stay mapped).
     """
     from onnxdns.inputs import InputPlan
     from onnxdns.runtime import has_cuda
@@ -134,14 +140,19 @@ def optimize(
     if validate:
         check_effort(samples=samples)
 
-    model = modelio.load_model(src)
-    before = model_stats(model, file_bytes=src.stat().st_size)
-    checked = _validation_inputs(model, data, data_dir, download, samples, before.macs,
+    loaded = modelio.load_ir(src)
+    before_files = tuple(loaded.data_files)
+    before = model_stats(loaded.proto, file_bytes=loaded.disk_bytes, model_path=src)
+    checked = _validation_inputs(src, loaded.proto, data, data_dir, download, samples, before.macs,
                                  numeric=validate and not (any(p.name == FP16_PASS for p in pipeline) and not has_cuda()))
     if isinstance(checked, InputPlan):
         samples = _validation_effort(before.macs, "random", samples)["samples"]
+    loaded.proto = None
+    if external_data is None and loaded.external:
+        external_data = True
 
-    ir_model = modelio.to_ir(model)
+    ir_model, applied = loaded.model, None
+    del loaded
     runs = []
     for pass_ in pipeline:
         t0 = time.perf_counter()
@@ -151,13 +162,17 @@ def optimize(
             raise OnnxdnsError(f"pass '{pass_.name}' cannot run on this model: {_reason(e)}") from None
         runs.append(PassRun(pass_.name, bool(applied.modified), time.perf_counter() - t0, dict(applied.details)))
         ir_model = applied.model
+        modelio.release_mapped(ir_model)
 
-    proto = modelio.to_proto(ir_model)
     try:
-        modelio.save_model(proto, out, protect=(src,))
+        modelio.save_model(ir_model, out, protect=(src, *before_files), external_data=external_data)
     except OSError as e:
         raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
-    after = model_stats(proto, file_bytes=out.stat().st_size)
+    del ir_model, applied
+    gc.collect()  # onnx-ir graphs hold reference cycles: free the weights' mappings before the sessions
+    proto, out_bytes = modelio.parse_model(out)
+    after = model_stats(proto, file_bytes=out_bytes, model_path=out)
+    del proto
 
     exact = all(getattr(p, "exact", False) for p in pipeline)
     fp16 = any(p.name == FP16_PASS for p in pipeline)
@@ -165,15 +180,14 @@ def optimize(
     # Compared with the input file, untouched on disk (the in-memory proto shares buffers with the passes' model).
     validation = _validate_output(src, out, target=target, fp16=fp16, exact=exact, lossy=lossy,
                                   numeric=validate, data=checked, samples=samples,
-                                  macs=before.macs)
+                                  macs=before.macs, source_bytes=before.file_bytes)
     return OptimizeResult(src, out, target, precision, tuple(runs), before, after, validation)
 
 
 def inspect(path: str | os.PathLike) -> ModelStats:
     """Statistics of the ONNX file at ``path`` (per-layer rows and totals)."""
-    p = Path(path)
-    model = modelio.load_model(p)
-    return model_stats(model, file_bytes=p.stat().st_size)
+    proto, files = modelio.load_unread(path)
+    return model_stats(proto, file_bytes=modelio.disk_bytes(path, files), model_path=path)
 
 
 def validate(model_a: str | os.PathLike | onnx.ModelProto, model_b: str | os.PathLike | onnx.ModelProto,
@@ -198,11 +212,13 @@ def slim(input_path: str | os.PathLike, output_path: str | os.PathLike, **option
 # --------------------------------------------------------------------------- helpers
 
 
-def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, download: bool, samples: int | None,
-                       macs: int, numeric: bool) -> Any:
+def _validation_inputs(path: Path, model: onnx.ModelProto, data: Any, data_dir: Any, download: bool,
+                       samples: int | None, macs: int, numeric: bool) -> Any:
     """What optimize validates on, decided before anything is written: a dataset, real inputs
     checked against the model, or an :class:`~onnxdns.inputs.InputPlan` of random inputs on
-    which the input model runs (fallbacks noted); the unchanged ``data`` when not validating."""
+    which the input model runs (fallbacks noted); the unchanged ``data`` when not validating.
+    Sessions are made from ``path`` (so external data is found); ``model`` (its weights not
+    read) gives the graph."""
     from onnxdns.inputs import plan_inputs
     from onnxdns import sources
     from onnxdns.validate import check_image_input, check_inputs, is_inputs_file, is_user_source, load_data, read_inputs
@@ -217,13 +233,13 @@ def _validation_inputs(model: onnx.ModelProto, data: Any, data_dir: Any, downloa
         feeds = read_inputs(data)
         if "labels" in feeds and "labels" not in {i.name for i in model.graph.input}:
             feeds.pop("labels")
-        check_inputs(model, feeds, os.path.basename(os.fspath(data)))
+        check_inputs(path, feeds, os.path.basename(os.fspath(data)))
         return data
     if data != "random":
-        check_image_input(model, data)
+        check_image_input(path, data)
         return load_data(data, data_dir, download)
     effort = _validation_effort(macs, "random", samples)
-    return plan_inputs(model, batch=min(32, effort["samples"]), probe=True)
+    return plan_inputs(path, batch=min(32, effort["samples"]), probe=True, graph=model)
 
 
 def _check_output_path(src: Path, out: Path) -> None:
@@ -256,32 +272,39 @@ VALIDATION_MACS = 4 * 10**10
 def _validation_effort(macs: int, data: Any, samples: int | None) -> dict[str, Any]:
     """Samples and latency runs for validating a model of ``macs`` MACs per sample.
 
-    Small models get 256 random samples and latency at batch 1 and 32; large ones (VGG-16 on
-    ImageNet: 15.5 GMACs) fewer samples and batch 1 only, so validation stays within seconds.
+    Small models get 256 random samples (run 32 at a time) and latency at batch 1 and 32; large
+    ones (VGG-16 on ImageNet: 15.5 GMACs) fewer samples, run one at a time, and latency at batch
+    1 only, so validation stays within seconds and the activations' memory small.
     Dataset validation always uses the whole test split unless ``samples`` is given.
     """
     macs = max(int(macs), 1)
     if samples is None and data == "random":
         samples = int(min(256, max(8, VALIDATION_MACS // macs)))
     small = 32 * macs * 10 <= VALIDATION_MACS
-    return {"samples": samples, "latency_batches": (1, 32) if small else (1,), "repeats": 10 if small else 3}
+    # large ones run one sample at a time: activations of a batch (VGG-16, 8 samples: ~0.5 GB
+    # per session) would outweigh the shared, memory-mapped weights
+    return {"samples": samples, "latency_batches": (1, 32) if small else (1,), "repeats": 10 if small else 3,
+            "batch": 32 if small else 1}
 
 
 def _check_structure(path: Path) -> str | None:
     """None when the saved model passes onnx's checker and its full check (strict shape inference).
 
+    Large initializers are not read (see :func:`onnxdns.modelio.parse_model`): onnx.checker
+    sees them as stubs (:func:`onnxdns.modelio.checker_view`), shape inference needs their dims only.
     onnx's shape inference types sparse initializers as ``sparse_tensor``, which no standard
     operator accepts (onnxruntime densifies them at load time), so the full check runs on a copy
     whose sparse initializers are stored densely.
     """
     try:
-        model = onnx.load_model(str(path))
-        onnx.checker.check_model(model)
+        model, _ = modelio.parse_model(path)  # large initializers stay on disk, unread
+        onnx.checker.check_model(modelio.checker_view(model))
         if model.graph.sparse_initializer:
             for sp in model.graph.sparse_initializer:
                 model.graph.initializer.append(numpy_helper.from_array(modelio.sparse_to_array(sp), sp.values.name))
             del model.graph.sparse_initializer[:]
-        onnx.checker.check_model(model, full_check=True)
+        # the full check's second half (strict shape inference), on the weightless parse
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as e:  # the checker and shape inference raise several types
         return _reason(e)
     return None
@@ -311,11 +334,13 @@ def _structure(source: Path, out: Path) -> tuple[str | None, str]:
     return f"structure check failed: {problem}", ""
 
 
-def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: int) -> tuple[Any, str | None]:
+def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: int,
+                large: bool = False) -> tuple[Any, str | None]:
     """(an onnxruntime session of the output, or None; why it cannot be created).
 
     Made with the default graph optimizations, so what onnxruntime does at load time (constant
-    folding, If inlining, fusions, and the shape inference after them) is checked too.
+    folding, If inlining, fusions, and the shape inference after them) is checked too. ``large``
+    models get a session on their memory-mapped weights (:func:`onnxdns.runtime.mapped_session`).
     """
     from onnxdns import runtime
 
@@ -323,6 +348,8 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
         return _reason(e).removeprefix("onnxruntime cannot load the model: ")
 
     try:
+        if large:
+            return runtime.mapped_session(out, providers=providers, threads=threads, spinning=False), None
         return runtime.make_session(out, providers=providers, threads=threads, spinning=False), None
     except OnnxdnsError as e:
         problem = f"the output does not load in onnxruntime: {why(e)}"
@@ -334,7 +361,8 @@ def _load_check(source: Path, out: Path, providers: tuple[str, ...], threads: in
 
 
 def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact: bool,
-                     lossy: list[str], numeric: bool, data: Any, samples: int | None, macs: int) -> Validation:
+                     lossy: list[str], numeric: bool, data: Any, samples: int | None, macs: int,
+                     source_bytes: int = 0) -> Validation:
     """Check the saved output: onnx's structure checks (failures the input shares are noted, not
     failed), an onnxruntime session (always: an output that does not load fails, with or without
     numeric validation), then the numeric comparison with the input when asked for."""
@@ -348,7 +376,8 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if target == "cuda" and cuda else ("CPUExecutionProvider",)
     where = "CUDA" if providers[0] == "CUDAExecutionProvider" else "CPU"
     # the session is the comparison's when there is one (onnxruntime picks the threads), else one thread
-    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1)
+    large = source_bytes >= runtime.NO_PREPACK_BYTES
+    session, problem = _load_check(source, out, providers, threads=0 if numeric else 1, large=large)
     if problem is not None:
         return Validation("failed", problem)
     loads = f"loads in onnxruntime ({where})"
@@ -360,7 +389,10 @@ def _validate_output(source: Path, out: Path, *, target: str, fp16: bool, exact:
     note = " (CUDA absent: cuda-target model validated on the CPU provider)" if target == "cuda" and not cuda else ""
     inherited = "" if structure == STRUCTURE_OK else f"; {structure}"
     try:
-        comparison = compare(source, session, data=data, providers=providers, **_validation_effort(macs, data, samples))
+        # a large input's session shares the weights the output holds unchanged
+        reference = (runtime.mapped_session(source, session, providers=providers, spinning=False)
+                     if large else source)
+        comparison = compare(reference, session, data=data, providers=providers, **_validation_effort(macs, data, samples))
     except OnnxdnsError as e:
         return Validation("failed", f"cannot compare the output with the input in onnxruntime: {e}")
     scale = max(1.0, comparison.output_scale)

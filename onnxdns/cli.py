@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--samples", type=_positive_int, help="number of validation samples")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="write the weights to OUT.onnx.data (default: when the input has external data "
+                        "or the output exceeds 2 GB)")
     _add_sparse_lowrank_options(p)
     p.set_defaults(func=_optimize)
 
@@ -188,7 +191,8 @@ def _optimize(args: argparse.Namespace) -> int:
     result = api.optimize(args.input, args.output, target=args.target, precision=args.precision, passes=passes,
                           validate=not args.no_validate, data=_open_data(args.data, args.input, args),
                           data_dir=args.data_dir,
-                          download=args.download, samples=args.samples, pass_options=_pass_options(args))
+                          download=args.download, samples=args.samples, pass_options=_pass_options(args),
+                          external_data=args.external_data)
     print(report.optimize_summary(result))
     _print_sparse_lowrank(result)
     if not result.ok:

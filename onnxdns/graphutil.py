@@ -119,7 +119,8 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
 
 
 def inferred_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
-    """Shapes of every value, from ONNX shape inference on a serialized copy (model untouched).
+    """Shapes of every value, from ONNX shape inference on a serialized copy without the large
+    weights' data (model untouched; see :func:`onnxdns.modelio.shape_proto`).
 
     Symbolic or unknown dimensions are ``None``. Values whose rank is unknown are absent.
     """
@@ -127,7 +128,7 @@ def inferred_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
 
     from onnxdns import modelio
 
-    proto = modelio.to_proto(model)
+    proto = modelio.shape_proto(model)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # inference failures leave what the model already declares  # noqa: BLE001

@@ -81,6 +81,12 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[tuple[str, TensorProto]]:
             yield from _graph_tensors(g)
 
 
+def raw_bytes(t: TensorProto) -> int | None:
+    """Bytes of ``t``'s data in raw (or external) form, None for STRING or unknown types."""
+    per = _RAW_BYTES.get(t.data_type)
+    return None if per is None else math.ceil(math.prod(int(d) for d in t.dims) * per)
+
+
 def check_tensor(where: str, t: TensorProto) -> None:
     """Known data type, non-negative dims, and exactly as much data as the dims declare."""
     if t.data_type not in _FIELDS:

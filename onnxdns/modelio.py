@@ -12,12 +12,14 @@ pass).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -30,7 +32,8 @@ from onnx import numpy_helper
 
 from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
-from onnxdns.external_data import load_external_data
+from onnxdns.external_data import check_external_data, disk_bytes, drop_pages, load_external_data
+from onnxdns.lazyload import LAZY_BYTES, parse_lazy
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,71 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     External tensor data is read from the model's folder only (see :mod:`onnxdns.external_data`);
     ``check`` also runs onnx.checker and :mod:`onnxdns.modelcheck`.
     """
+    p, model = _parse(path)
+    load_external_data(model, p)
+    if check:
+        _check(model, p)
+    return model
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model read for the passes (:func:`load_ir`)."""
+
+    #: The model; initializers stored externally stay on disk (memory-mapped when read).
+    model: ir.Model
+    #: Real paths of the external data files the model refers to.
+    data_files: set[str]
+    #: Bytes on disk: the model file and its data files.
+    disk_bytes: int
+    #: The parsed file (external initializers not read); the model's in-file tensors are views
+    #: of it. Drop it (``loaded.proto = None``) once the statistics are taken.
+    proto: onnx.ModelProto | None = None
+
+    @property
+    def external(self) -> bool:
+        return bool(self.data_files)
+
+
+def load_ir(path: str | os.PathLike, *, check: bool = True) -> Loaded:
+    """Read and check an ONNX file into onnx-ir without reading external initializer data.
+
+    External references are checked as :func:`load_model` checks them (folder, symbolic links,
+    regular file, offset and length, size against the dims) but their data stays on disk: onnx-ir
+    memory-maps it when a pass reads it. Other external tensors (sparse, attributes) are read.
+    """
+    proto, files = load_unread(path, check=check)
+    p = Path(path)
+    model = to_ir(proto)
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    return Loaded(model, files - {os.path.realpath(p)}, disk_bytes(p, files), proto)
+
+
+def load_unread(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, set[str]]:
+    """(the checked model with its external initializers checked but not read, the real paths of
+    its data files): :func:`load_model` without reading external initializer data."""
+    p, proto = _parse(path, lazy=True, require_nodes=check)
+    files = check_external_data(proto, p)
+    load_external_data(proto, p, keep_initializers=True)
+    if check:
+        _check(proto, p)
+    return proto, files
+
+
+def parse_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
+    """(the model at ``path`` with external data references checked but not read, bytes on
+    disk with its data files); no model checks (for files onnxdns wrote itself)."""
+    p, proto = _parse(path, lazy=True, require_nodes=False)  # a fully folded output has no nodes
+    return proto, disk_bytes(p, check_external_data(proto, p))
+
+
+def _parse(path: str | os.PathLike, *, lazy: bool = False, require_nodes: bool = True) -> tuple[Path, onnx.ModelProto]:
+    """The file checks and the protobuf parse, external data not read.
+
+    ``lazy``: large initializers stored in the file become external references to the file
+    itself (see :mod:`onnxdns.lazyload`), read by memory-mapping when used. ``require_nodes``
+    refuses a graph without nodes (not a model a user means to optimize; onnxdns's own outputs
+    may have none when every node folded into a constant)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -160,25 +228,67 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if st.st_size == 0:
         raise OnnxdnsError(f"{p}: empty file, not an ONNX model")
     try:
-        model = onnx.load_model(str(p), load_external_data=False)
+        model = parse_lazy(p) if lazy else None
+        if model is None:
+            model = onnx.load_model(str(p), load_external_data=False)
     except OSError as e:
         raise OnnxdnsError(f"{p}: cannot read: {e.strerror or e}") from None
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise OnnxdnsError(f"{p}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
-    if model.ir_version == 0 or not model.opset_import or not model.graph.node:
+    if model.ir_version == 0 or not model.opset_import or (require_nodes and not model.graph.node):
         raise OnnxdnsError(f"{p}: not an ONNX model (no IR version, opset or graph nodes)")
-    load_external_data(model, p)
-    if check:
-        check_supported(model, str(p))
-        try:
-            modelcheck.check_model(model)
-        except OnnxdnsError as e:
-            raise OnnxdnsError(f"{p}: {e}") from None
-        try:
-            onnx.checker.check_model(model)
-        except (onnx.checker.ValidationError, ValueError) as e:
-            raise OnnxdnsError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
-    return model
+    return p, model
+
+
+def _check(model: onnx.ModelProto, p: Path) -> None:
+    check_supported(model, str(p))
+    try:
+        modelcheck.check_model(model)
+    except OnnxdnsError as e:
+        raise OnnxdnsError(f"{p}: {e}") from None
+    try:
+        onnx.checker.check_model(checker_view(model))
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise OnnxdnsError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
+
+
+#: Initializers larger than this are given to onnx.checker as empty tensors of the same name and
+#: type: its check does not look at their values, and a copy of the model without them is cheap.
+_CHECKER_STUB_BYTES = 1 << 20
+
+
+def checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for onnx.checker without its large or external initializers' data (which the
+    checker would copy, or look for relative to the working directory). Their data are checked by
+    :mod:`onnxdns.modelcheck` and :mod:`onnxdns.external_data`."""
+    graph = model.graph
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() > _CHECKER_STUB_BYTES
+               for t in graph.initializer):
+        return model
+    view = onnx.ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(graph, view.graph, skip="initializer")
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() > _CHECKER_STUB_BYTES:
+            view.graph.initializer.add(name=t.name, data_type=t.data_type, dims=[0])
+        else:
+            view.graph.initializer.append(t)
+    return view
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _first_line(e: BaseException) -> str:
@@ -186,20 +296,41 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, protect: tuple = ()) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file + rename in the same folder).
+#: Serialized size above which a model must be written with external data (protobuf's limit is 2 GiB).
+PROTOBUF_LIMIT = 2_000_000_000
+#: Initializers of at least this many bytes go to the data file of an external-data output.
+EXTERNAL_THRESHOLD = 1024
 
-    ``protect`` lists paths (the inputs) that must never be overwritten.
+
+def data_file_name(path: str | os.PathLike) -> str:
+    """The external data file written beside ``path``: ``<name>.data``."""
+    return Path(path).name + ".data"
+
+
+def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, protect: tuple = (),
+               external_data: bool | None = False) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary files + rename in the same folder).
+
+    ``protect`` lists paths (the inputs and their data files) that must never be overwritten.
+    ``external_data``: True writes initializers of :data:`EXTERNAL_THRESHOLD` bytes or more to
+    ``<name>.data`` beside the model; None decides: external when the model's tensors exceed
+    :data:`PROTOBUF_LIMIT`. The model file and its data file are written in a temporary folder
+    beside the output and renamed into place, data file first; a failure leaves neither.
     """
-    if isinstance(model, ir.Model):
-        model = to_proto(model)
     out = Path(path)
+    data_path = out.with_name(data_file_name(out))
+    if external_data is None:
+        external_data = isinstance(model, ir.Model) and _tensor_bytes(model) > PROTOBUF_LIMIT
     for src in protect:
-        if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
-            raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
+        for target in (out, data_path) if external_data else (out,):
+            if src is not None and target.exists() and Path(src).exists() and os.path.samefile(target, src):
+                what = "the input model" if target == out else f"a file of the input model ({target.name})"
+                raise OnnxdnsError(f"{out}: refusing to overwrite {what}; choose another output path")
     check_output_file(out)
+    if external_data:
+        check_output_file(data_path)
     try:
-        _write(model, out)
+        _write(model, out, data_path, external_data)
     except OSError as e:  # a full disk, a read-only or vanished folder, a name too long...
         raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
     return out
@@ -223,22 +354,148 @@ def check_output_file(out: Path) -> None:
         raise OnnxdnsError(f"{out.parent}: output folder does not exist")
 
 
-def _write(model: onnx.ModelProto, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+def _write(model: onnx.ModelProto | ir.Model, out: Path, data_path: Path, external_data: bool) -> None:
+    if external_data and not isinstance(model, ir.Model):
+        model = to_ir(model)
+    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        if model.ByteSize() > 2_000_000_000:
-            raise OnnxdnsError(f"{out}: model over 2 GB; external-data output is not supported")
-        onnx.save_model(model, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        tmp = Path(tmpdir) / out.name
+        if external_data:
+            _write_external(model, tmp)
+        elif isinstance(model, ir.Model):
+            if _write_streaming(model, tmp) > PROTOBUF_LIMIT:
+                raise OnnxdnsError(f"{out}: model over 2 GB; write it with external data (--external-data)")
+        else:
+            if model.ByteSize() > PROTOBUF_LIMIT:
+                raise OnnxdnsError(f"{out}: model over 2 GB; write it with external data (--external-data)")
+            onnx.save_model(model, tmp)
+        written = [tmp.with_name(data_file_name(tmp))] if external_data else []
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, out)
+        for f in (*written, tmp):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)  # mkdtemp's folder is private; give the files the usual permissions
+        if external_data:
+            os.replace(written[0], data_path)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if external_data:
+                os.unlink(data_path)
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def _write_streaming(model: ir.Model, tmp: Path) -> int:
+    """Write ``model`` as one protobuf file without building it in memory; return its size.
+
+    The model is serialized with its large main-graph initializers (:data:`LAZY_BYTES` or more,
+    not tagged for sparse storage) as stubs; the file is then written field by field (protobuf
+    accepts fields in any order) with each large tensor's bytes copied from its array in chunks,
+    so no copy of the weights is made (memory-mapped ones are read from their file). Stops
+    before writing anything past :data:`PROTOBUF_LIMIT` bytes.
+    """
+    values = [v for v in model.graph.initializers.values()
+              if v.const_value is not None and v.meta.get(SPARSE_TAG) != "sparse"
+              and v.const_value.nbytes >= LAZY_BYTES]
+    tensors = [v.const_value for v in values]
+    try:
+        for value, tensor in zip(values, tensors):
+            value.const_value = ir.ExternalTensor("onnxdns-stream", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+        proto = to_proto(model, keep_external=tuple(v.const_value for v in values))
+    finally:
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
+    big = {v.name: t for v, t in zip(values, tensors)}
+    entries = []  # (serialized TensorProto without raw_data, the tensor whose bytes follow, or None)
+    for init in proto.graph.initializer:
+        tensor = big.get(init.name)
+        if tensor is not None:
+            init.ClearField("data_location")
+            del init.external_data[:]
+        entries.append((init.SerializeToString(), tensor))
+    del proto.graph.initializer[:]
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+
+    def tensor_len(header: bytes, tensor) -> int:
+        return len(header) + (0 if tensor is None else len(_key(9)) + len(_varint(tensor.nbytes)) + tensor.nbytes)
+
+    sizes = [tensor_len(h, t) for h, t in entries]
+    graph_len = len(graph) + sum(len(_key(5)) + len(_varint(n)) + n for n in sizes)
+    total = len(head) + len(_key(7)) + len(_varint(graph_len)) + graph_len
+    if total > PROTOBUF_LIMIT:
+        return total
+    with open(tmp, "wb") as fh:
+        fh.write(head + _key(7) + _varint(graph_len) + graph)
+        for (header, tensor), size in zip(entries, sizes):
+            fh.write(_key(5) + _varint(size) + header)
+            if tensor is not None:
+                fh.write(_key(9) + _varint(tensor.nbytes))
+                _write_tensor_bytes(fh, tensor)
+    return total
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # a length-delimited field's key
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+#: Bytes written at a time by :func:`_write_tensor_bytes`.
+_WRITE_CHUNK = 16 * 2**20
+
+
+def _write_tensor_bytes(fh, tensor) -> None:
+    """Write ``tensor.tobytes()`` without making it (plain numeric dtypes are written in chunks)."""
+    array = tensor.numpy() if tensor.dtype.bitwidth == 8 * tensor.dtype.itemsize else None
+    if array is None or array.dtype.kind not in "biuf" or array.dtype.byteorder == ">":
+        data = tensor.tobytes()
+        if len(data) != tensor.nbytes:
+            raise OnnxdnsError(f"initializer {tensor.name}: {len(data)} bytes, expected {tensor.nbytes}")
+        fh.write(data)
+        return
+    flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+    raw = flat.view(np.uint8)
+    if raw.size != tensor.nbytes:
+        raise OnnxdnsError(f"initializer {tensor.name}: {raw.size} bytes, expected {tensor.nbytes}")
+    for i in range(0, raw.size, _WRITE_CHUNK):
+        fh.write(raw[i:i + _WRITE_CHUNK].data)
+        drop_pages(array)  # a memory-mapped weight does not stay resident once written
+
+
+def _write_external(model: ir.Model, tmp: Path) -> None:
+    """Save ``model`` as ``tmp`` + ``tmp.data`` (initializers tagged for sparse storage stay inline)."""
+    values = [v for g in model.graphs() for v in g.initializers.values()
+              if v.const_value is not None and v.meta.get(SPARSE_TAG) != "sparse"
+              and v.const_value.nbytes >= EXTERNAL_THRESHOLD]
+    tensors = [v.const_value for v in values]
+    external: list[ir.ExternalTensor] = []
+    try:
+        external = ir.external_data.convert_tensors_to_external(tensors, str(tmp.parent), data_file_name(tmp))
+        for value, ext in zip(values, external):
+            value.const_value = ext
+        onnx.save_model(to_proto(model, keep_external=tuple(external)), tmp)
+    finally:
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
+    tmp.with_name(data_file_name(tmp)).touch()  # created empty when no initializer is large enough
 
 
 # --------------------------------------------------------------------------- ONNX <-> onnx-ir
@@ -300,11 +557,58 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     return irm
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
+def to_proto(model: ir.Model, *, keep_external: tuple[ir.ExternalTensor, ...] = ()) -> onnx.ModelProto:
     """Serialize from onnx-ir, storing initializers tagged by ``sparse-storage`` sparsely.
 
     A tagged initializer is stored densely when the sparse encoding would not be smaller.
+    Initializers still on disk (read by :func:`load_ir`) are stored in the proto, except those
+    in ``keep_external``, which stay references to their data file.
     """
+    kept = {id(t) for t in keep_external}
+    swapped = [(v, v.const_value) for g in model.graphs() for v in g.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor) and id(v.const_value) not in kept]
+    try:
+        for value, tensor in swapped:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+        return _to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def release_mapped(model: ir.Model) -> None:
+    """Close the memory mappings of ``model``'s external initializers whose data no one holds (a
+    later read maps them again): the pages a pass read leave the process's resident set."""
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                try:
+                    v.const_value.release()
+                except BufferError:  # a view of the data is still alive: keep the mapping
+                    pass
+
+
+def shape_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` serialized for shape inference: initializers of :data:`~onnxdns.lazyload.LAZY_BYTES`
+    bytes or more become external references to nowhere (their type and dims are all shape
+    inference needs), so no weight is read or copied. Not a loadable model."""
+    swapped = []
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and not isinstance(t, ir.ExternalTensor) and t.nbytes >= LAZY_BYTES:
+                swapped.append((v, t))
+    try:
+        for value, tensor in swapped:
+            value.const_value = ir.ExternalTensor("onnxdns-shape-stub", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+        return ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _to_proto(model: ir.Model) -> onnx.ModelProto:
     tagged = {
         name for name, v in model.graph.initializers.items() if v.meta.get(SPARSE_TAG) == "sparse"
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,13 +33,15 @@ def make_session(
     threads: int = 0,
     optimization: str = "all",
     spinning: bool = True,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` for a model proto, serialized bytes or a path.
 
     ``threads=0`` lets onnxruntime pick (all cores); ``optimization`` is one of
     ``disable|basic|extended|all``. ``spinning=False`` makes the intra-op pool's threads sleep
     instead of spin-waiting for work after a run (needed when several sessions run in turn, see
-    :func:`onnxdns.validate.measure_latency`).
+    :func:`onnxdns.validate.measure_latency`). ``initializers`` replace the model's initializers
+    of the same names by these arrays, which onnxruntime uses in place (see :func:`mapped_session`).
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -51,6 +55,11 @@ def make_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, in one line
+    if initializers or not isinstance(model, (onnx.ModelProto, bytes)) and _stored_bytes(model) >= NO_PREPACK_BYTES:
+        # prepacked copies of the Gemm/MatMul weights would add ~the model's size again per
+        # session, and an arena would keep each session's largest activations after its runs
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
     if isinstance(model, onnx.ModelProto):
         payload: bytes | str = model.SerializeToString()
     elif isinstance(model, bytes):
@@ -62,11 +71,94 @@ def make_session(
         except UnicodeEncodeError:  # a file name that is not UTF-8: onnxruntime takes str paths only
             with open(model, "rb") as fh:
                 payload = fh.read()
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+    for name, value in zip(initializers or {}, values):
+        so.add_initializer(name, value)
     try:
-        return ort.InferenceSession(payload, sess_options=so, providers=list(providers))
+        session = ort.InferenceSession(payload, sess_options=so, providers=list(providers))
+        session._onnxdns_initializers = (dict(initializers or {}), values)  # must outlive the session
+        return session
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(e).strip().splitlines()
         raise OnnxdnsError(f"onnxruntime cannot load the model: {msg[0] if msg else type(e).__name__}") from None
+
+
+#: Models of at least this many bytes on disk (file and data files) get sessions without weight
+#: prepacking and without a memory arena (VGG-16, 553 MB: a session takes 1,077 MB with
+#: prepacking, 567 MB without).
+NO_PREPACK_BYTES = 256 * 2**20
+
+
+def _stored_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the model file and the files beside it named after it (``<name>.data``)."""
+    try:
+        size = os.path.getsize(path)
+        data = f"{path}.data"
+        return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+    except OSError:
+        return 0
+
+
+#: Data types :func:`mapped_session` hands to onnxruntime as mapped arrays.
+_MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                 onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
+
+
+def mapped_session(path: str | os.PathLike, share_with: ort.InferenceSession | None = None,
+                   **options) -> ort.InferenceSession:
+    """A session of the model at ``path`` whose external and large initializers are the
+    memory-mapped bytes of their files, given to onnxruntime without a copy. With ``share_with``
+    (another mapped session), initializers whose bytes equal that session's (checked) use its
+    arrays, so both sessions hold one copy of the weights they share. For models too large for a
+    session per copy of the weights (see :data:`NO_PREPACK_BYTES`); ``options`` go to
+    :func:`make_session`.
+    """
+    shared = getattr(share_with, "_onnxdns_initializers", ({}, []))[0]
+    return _mapped_session(path, shared, **options)
+
+
+def _mapped_session(path, shared: Mapping[str, np.ndarray], **options) -> ort.InferenceSession:
+    from onnxdns import modelio
+    from onnxdns.external_data import memmap
+
+    # large and external initializers stay references to their files; other external data is read
+    proto, _ = modelio.load_unread(path, check=False)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.data_type not in _MAPPED_TYPES:
+            return make_session(path, **options)
+        array = memmap(tensor, path, f"initializer {tensor.name}")
+        other = shared.get(tensor.name)
+        arrays[tensor.name] = other if other is not None and _same_bytes(array, other) else array
+        del array  # unmapped unless kept: the comparison's pages leave the resident set
+    # onnxruntime's graph optimizers may still read an initializer's own data (and need the
+    # model's folder to find it): the session is made from a file beside the model
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".session.onnx", dir=Path(path).parent)
+    except OSError:  # a read-only folder: an ordinary session
+        return make_session(path, **options)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        return make_session(tmp, initializers=arrays, **options)
+    finally:
+        os.unlink(tmp)
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 16 * 2**20) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    from onnxdns.external_data import drop_pages
+
+    x, y = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    for i in range(0, x.size, chunk):
+        if not np.array_equal(x[i:i + chunk], y[i:i + chunk]):
+            return False
+        drop_pages(a)  # only one of the two files' pages needs to stay resident
+        drop_pages(b)
+    return True
 
 
 def run(model, feeds: Mapping[str, np.ndarray], **session_kwargs) -> list[np.ndarray]:

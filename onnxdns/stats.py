@@ -20,12 +20,15 @@ parameters as the dense one, and the non-zeros of ``W * mask``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxdns.errors import OnnxdnsError
+from onnxdns.external_data import drop_pages, memmap
 from onnxdns.modelio import sparse_to_array
 
 #: Operators that get a row of their own in the per-layer table.
@@ -78,13 +81,18 @@ class ModelStats:
         return self.nonzeros / self.params if self.params else None
 
 
-def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None) -> ModelStats:
-    """Count parameters, non-zeros, MACs and nodes of ``model`` (which is not modified)."""
-    stored = _stored_tensors(model.graph)
+def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None,
+                model_path: str | os.PathLike | None = None) -> ModelStats:
+    """Count parameters, non-zeros, MACs and nodes of ``model`` (which is not modified).
+
+    Tensors stored externally are memory-mapped from ``model_path``'s folder (checked as
+    :mod:`onnxdns.external_data` checks them), not copied.
+    """
+    stored = _stored_tensors(model.graph, model_path)
     graph_inputs = {i.name for i in model.graph.input}
     constants = {name: array for name, array in stored.items() if name not in graph_inputs}
     producers = {out: node for node in model.graph.node for out in node.output if out}
-    shapes = _inferred_shapes(model)
+    shapes = _inferred_shapes(model, model_path)
     layers = tuple(
         _layer(node, i, constants, producers, shapes)
         for i, node in enumerate(model.graph.node)
@@ -96,7 +104,7 @@ def model_stats(model: onnx.ModelProto, *, file_bytes: int | None = None) -> Mod
     return ModelStats(
         layers=layers,
         params=sum(int(a.size) for a in floats),
-        nonzeros=sum(int(np.count_nonzero(a)) for a in floats),
+        nonzeros=sum(_count_nonzero(a) for a in floats),
         macs=int(sum(known)),
         macs_complete=len(known) == len(counted),
         nodes=len(model.graph.node),
@@ -139,12 +147,21 @@ def _model_tensors(graph: onnx.GraphProto, constants: dict[str, np.ndarray],
     return kept + list(merged.values())
 
 
-def _stored_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def _array(tensor: onnx.TensorProto, model_path: str | os.PathLike | None) -> np.ndarray:
+    """A tensor's values; external data memory-mapped from the model's folder."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    if model_path is None:
+        raise OnnxdnsError(f"tensor '{tensor.name}' is stored externally; its model's path is needed")
+    return memmap(tensor, model_path, f"initializer '{tensor.name}'")
+
+
+def _stored_tensors(graph: onnx.GraphProto, model_path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Every tensor stored in the graph by name: initializers (sparse ones densified) and the
     values of ``Constant`` nodes (keyed by their output)."""
     out: dict[str, np.ndarray] = {}
     for init in graph.initializer:
-        out[init.name] = numpy_helper.to_array(init)
+        out[init.name] = _array(init, model_path)
     for sp in graph.sparse_initializer:
         out[sp.values.name] = sparse_to_array(sp)
     for node in graph.node:
@@ -186,7 +203,8 @@ def _effective_constant(name: str, constants: dict[str, np.ndarray], producers: 
 _SHAPE_ONLY_ELEMENTS = 1024
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
+def _inferred_shapes(model: onnx.ModelProto, model_path: str | os.PathLike | None = None
+                     ) -> dict[str, tuple[int, ...] | None]:
     """Static shapes of every value after shape inference at batch 1 (None when unknown).
 
     Inference runs on a light copy: large float initializers become typed graph inputs (their
@@ -210,6 +228,8 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None
         if dtype not in _FLOAT_TYPES or _prod(dims) <= _SHAPE_ONLY_ELEMENTS:
             if isinstance(tensor, onnx.SparseTensorProto):
                 tensor = numpy_helper.from_array(sparse_to_array(tensor), name)
+            elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensor = numpy_helper.from_array(np.asarray(_array(tensor, model_path)), name)
             graph.initializer.append(tensor)
         elif name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, dims))
@@ -287,7 +307,7 @@ def _layer(node: onnx.NodeProto, index: int, constants: dict[str, np.ndarray],
         value = const(slot)
         if value is not None:
             params += int(value.size)
-            nonzeros += int(np.count_nonzero(value))
+            nonzeros += _count_nonzero(value)
     weight = const(weight_slot)
     weight_shape = tuple(int(d) for d in weight.shape) if weight is not None else shape(weight_slot)
     return LayerStats(
@@ -306,3 +326,17 @@ def _prod(dims: Iterable[int]) -> int:
         out *= int(d)
     return out
 
+
+
+def _count_nonzero(array: np.ndarray) -> int:
+    """Non-zeros of ``array``; a memory-mapped one is read 16 MiB at a time, each part leaving
+    the resident set once counted (the process never holds the whole weight)."""
+    if getattr(array, "_mmap", None) is None:
+        return int(np.count_nonzero(array))
+    flat = array.reshape(-1)
+    step = max(1, (16 << 20) // max(1, flat.itemsize))
+    count = 0
+    for i in range(0, flat.size, step):
+        count += int(np.count_nonzero(flat[i:i + step]))
+        drop_pages(array)
+    return count

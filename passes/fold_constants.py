@@ -269,7 +269,10 @@ def _run(model: ir.Model, plan: _Plan, targets: list[ir.Value], feed: bool = Fal
             if producer in plan.shape_nodes:
                 tensor = numpy_helper.from_array(plan.shape_nodes[producer], value.name)
             else:
-                tensor = ir.serde.serialize_tensor(value.const_value)
+                const = value.const_value
+                if isinstance(const, ir.ExternalTensor):  # memory-mapped: the session gets the data
+                    const = ir.Tensor(const.numpy(), dtype=const.dtype)
+                tensor = ir.serde.serialize_tensor(const)
                 tensor.name = value.name
             array = numpy_helper.to_array(tensor) if feed else None
             if array is not None and array.dtype.kind in "biuf" and _tensor_type(array.dtype) == tensor.data_type:

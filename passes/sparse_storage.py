@@ -7,10 +7,14 @@ import onnx_ir as ir
 
 from onnxdns import modelio
 from onnxdns.errors import OnnxdnsError
+from onnxdns.external_data import drop_pages
 from onnxdns.framework import GraphPass, PassReport
 
 #: Element types considered (a pruned weight is float); others always stay dense.
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+
+#: Elements compared at a time when counting zeros.
+_CHUNK = 1 << 22
 
 
 class SparseStoragePass(GraphPass):
@@ -78,7 +82,11 @@ class SparseStoragePass(GraphPass):
         if tensor.dtype not in _FLOAT_TYPES or tensor.size < self.min_elements:
             return 0
         array = tensor.numpy()
-        zeros = int(np.count_nonzero(array.reshape(-1).view(np.dtype(f"u{array.dtype.itemsize}")) == 0))
+        bits = array.reshape(-1).view(np.dtype(f"u{array.dtype.itemsize}"))
+        zeros = 0
+        for i in range(0, bits.size, _CHUNK):  # no temporary the size of the weight
+            zeros += int(np.count_nonzero(bits[i:i + _CHUNK] == 0))
+            drop_pages(array)  # a memory-mapped weight's pages leave the resident set once read
         if zeros < self.min_sparsity * array.size:
             return 0
         dense = ir.serde.serialize_tensor(tensor).ByteSize()  # what modelio.to_proto compares with

@@ -327,10 +327,10 @@ def test_failing_save_leaves_no_partial_file(scale_pass, monkeypatch, model_file
 
     def disk_full(model, path, *args, **kwargs):
         with open(path, "wb") as fh:
-            fh.write(model.SerializeToString()[:100])
+            fh.write(modelio.to_proto(model).SerializeToString()[:100])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", disk_full)
+    monkeypatch.setattr(modelio, "_write_streaming", disk_full)  # the writer of single-file outputs
     out_file = tmp_path / "out.onnx"
     code, _, err = run(capsys, "optimize", model_file, "-o", out_file, "--passes", "test-scale-weights")
     assert_user_error(code, err, "No space left on device")

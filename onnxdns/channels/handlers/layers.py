@@ -14,6 +14,7 @@ from onnxdns.channels.analysis import ChannelGraph
 from onnxdns.channels.constants import unknown
 from onnxdns.channels.handlers.base import Handler, _changed, _fold_value, _padded
 from onnxdns.channels.layout import Layout
+from onnxdns.external_data import drop_pages
 
 
 class ConvHandler(Handler):
@@ -228,7 +229,6 @@ class MatrixHandler(Handler):
         wk, alpha, beta, c, _ = self._info(node, g)
         layout, block, count = self._features(node, g, wk)
         vf = np.repeat(g.const(node.inputs[0], count), block)
-        nz = wk != 0
         n = wk.shape[1]
         if c is None:
             cvec = np.zeros(n)
@@ -237,8 +237,16 @@ class MatrixHandler(Handler):
             return
         else:
             cvec = np.broadcast_to(c.astype(np.float64).reshape(-1) if c.size > 1 else c.reshape(()), (n,))
-        valid = np.all(~nz | ~np.isnan(vf)[:, None], axis=0)
-        total = beta * cvec + alpha * (np.nan_to_num(vf) @ np.where(nz, wk, 0.0).astype(np.float64))
+        # an output is constant when no non-zero weight meets a non-constant feature; only the
+        # constant features' rows are read in float64 (the weight is never copied whole)
+        known = ~np.isnan(vf)
+        if known.all():
+            valid = np.ones(n, dtype=bool)
+        else:
+            valid = ~_any_nonzero(wk if not known.any() else wk[~known], keep=1)
+        total = beta * cvec
+        if known.any():
+            total = total + alpha * (vf[known] @ wk[known].astype(np.float64))
         g.set_const(node.outputs[0], np.where(valid, total, np.nan))
 
     def check(self, node, g):
@@ -247,7 +255,7 @@ class MatrixHandler(Handler):
             return
         wk, *_ = self._info(node, g)
         _, block, count = self._features(node, g, wk)
-        ignored = ~(wk.reshape(count, block, -1) != 0).any(axis=(1, 2))
+        ignored = ~_any_nonzero(wk, keep=0).reshape(count, block).any(axis=1)
         _check_consumer(g, node, layout, ignored, g.const(node.inputs[0]), foldable=True)
 
     def rewrite(self, node, g):
@@ -319,3 +327,25 @@ def _add_bias_after(node: ir.Node, g: ChannelGraph, bias: np.ndarray, keep_out: 
     g.graph.insert_after(node, add)
     g.set_layout(new_out, g.layout(out))
     g.set_const(new_out, g.const(out))
+
+
+#: Elements compared with zero at a time by :func:`_any_nonzero` (bounds its temporary arrays).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _any_nonzero(a: np.ndarray, keep: int) -> np.ndarray:
+    """``(a != 0).any(axis=1 - keep)`` for a 2-D ``a``, in chunks along its memory layout (no
+    temporary array the size of ``a``; a transposed view is read in its stored order; the pages
+    of a memory-mapped ``a`` are dropped from the resident set as it goes)."""
+    if not a.flags.c_contiguous and a.T.flags.c_contiguous:
+        a, keep = a.T, 1 - keep
+    rows, cols = a.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, cols))
+    out = np.zeros(cols if keep == 1 else rows, dtype=bool)
+    for i in range(0, rows, step):
+        if keep == 1:
+            out |= (a[i:i + step] != 0).any(axis=0)
+        else:
+            out[i:i + step] = (a[i:i + step] != 0).any(axis=1)
+        drop_pages(a)  # a memory-mapped weight's pages leave the resident set once read
+    return out
