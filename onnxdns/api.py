@@ -169,7 +169,8 @@ def optimize(
     except OSError as e:
         raise OnnxdnsError(f"{out}: cannot write the output: {e.strerror or e}") from None
     del ir_model, applied
-    gc.collect()  # onnx-ir graphs hold reference cycles: free the weights' mappings before the sessions
+    if before.file_bytes >= COLLECT_BYTES:  # a full collection costs ~0.1 s: only where it frees much
+        gc.collect()  # onnx-ir graphs hold reference cycles: free the weights' mappings before the sessions
     proto, out_bytes = modelio.parse_model(out)
     after = model_stats(proto, file_bytes=out_bytes, model_path=out)
     del proto
@@ -264,6 +265,10 @@ def _reason(e: BaseException) -> str:
         e = e.__cause__
     return text.splitlines()[0] if text else "unknown reason"
 
+
+#: Models of at least this many bytes on disk have their passes' graph collected (``gc``) before
+#: the validation sessions, so that its weights and mappings are freed first.
+COLLECT_BYTES = 64 * 2**20
 
 #: Multiply-accumulates that optimize's validation may spend on random inputs (a few seconds).
 VALIDATION_MACS = 4 * 10**10

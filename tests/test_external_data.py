@@ -136,13 +136,14 @@ def test_output_data_file_may_not_be_the_inputs(tmp_path, capsys):
 
 
 def test_failed_write_leaves_neither_file(tmp_path, capsys):
-    """The data file cannot be put in place (a folder has its name): no model file appears either."""
+    """The data file cannot be put in place (a folder has its name): refused before writing, no
+    model file appears either."""
     src = external_model(tmp_path)
     out = tmp_path / "out.onnx"
     (tmp_path / "out.onnx.data").mkdir()
     (tmp_path / "out.onnx.data" / "keep").write_text("x")
     code, _, err = run(capsys, "optimize", src, "-o", out, "--no-validate")
-    assert_user_error(code, err, "cannot write the output")
+    assert_user_error(code, err, "out.onnx.data: is a directory")
     assert not out.exists()
     assert (tmp_path / "out.onnx.data" / "keep").read_text() == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
