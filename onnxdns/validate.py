@@ -304,7 +304,7 @@ class _Accumulator:
             labels: np.ndarray | None = None) -> None:
         """Run both models on ``feeds`` (``what`` names them in errors); the first ``samples``
         rows count (the rest is padding)."""
-        a = _run_a(self.sess_a, feeds, what)
+        a = _run(self.sess_a, feeds, f"model A (the reference) fails on {what}")  # about the inputs, not B
         b = _run(self.sess_b, feeds)
         if labels is not None:  # dataset images: drop the padding of a fixed batch
             a, b = [o[:samples] for o in a], [o[:samples] for o in b]
@@ -557,23 +557,16 @@ def _bind(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence
     return bound
 
 
-def _run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
+def _run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+         failure: str = "onnxruntime failed to run the model") -> list[np.ndarray]:
+    """All outputs of ``sess`` on ``feeds``; an onnxruntime failure is an :class:`OnnxdnsError`
+    that starts with ``failure``."""
     try:
         return sess.run(None, _bind(sess, feeds))
     except OnnxdnsError:
         raise
     except Exception as e:  # onnxruntime's own exception types
-        raise OnnxdnsError(f"onnxruntime failed to run the model: {runtime.ort_message(e)}") from None
-
-
-def _run_a(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray], what: str) -> list[np.ndarray]:
-    """Outputs of the reference model; its failure is an error about the inputs, not model B."""
-    try:
-        return sess.run(None, _bind(sess, feeds))
-    except OnnxdnsError:
-        raise
-    except Exception as e:  # onnxruntime's own exception types
-        raise OnnxdnsError(f"model A (the reference) fails on {what}: {runtime.ort_message(e)}") from None
+        raise OnnxdnsError(f"{failure}: {runtime.ort_message(e)}") from None
 
 
 def _fixed_batch(sess: ort.InferenceSession) -> int | None:
