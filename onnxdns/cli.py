@@ -38,16 +38,6 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
-
-
 DATA_HELP = ("a folder of images (class subfolders give labels), FILE.npy, module:function or FILE.npz (one array "
              "per model input, named after it, optional 'labels')")
 
@@ -128,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    p.add_argument("--samples", type=_positive_int, help="number of validation samples")
+    p.add_argument("--samples", type=argtypes.positive_int, help="number of validation samples")
     p.add_argument("--external-data", action="store_true", default=None,
                    help="write the weights to OUT.onnx.data (default: when the input has external data "
                         "or the output exceeds 2 GB)")
@@ -149,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     p.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    p.add_argument("--batch", type=_positive_int, default=32)
-    p.add_argument("--samples", type=_positive_int, help="number of samples (default: test split, or 256 random)")
-    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per model and batch size")
+    p.add_argument("--batch", type=argtypes.positive_int, default=32)
+    p.add_argument("--samples", type=argtypes.positive_int, help="number of samples (default: test split, or 256 random)")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=20, help="timed runs per model and batch size")
     p.add_argument("--threads", type=argtypes.threads, default=0,
                    help=f"onnxruntime intra-op threads, 0 to {argtypes.MAX_THREADS} (0: onnxruntime decides)")
     p.set_defaults(func=_validate)
@@ -256,7 +246,7 @@ def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
                    help="calibration inputs: a dataset name (mnist, fashion-mnist), a folder of images, "
                         "module:function, a .npy file of inputs of a one-input model, or a .npz file of arrays "
                         "named after the model inputs")
-    g.add_argument("--calib-samples", type=_positive_int, metavar="N", help="calibration inputs to use (default 512)")
+    g.add_argument("--calib-samples", type=argtypes.positive_int, metavar="N", help="calibration inputs to use (default 512)")
     g.add_argument("--target-speedup", type=argtypes.real(1.0, low_open=True), metavar="X",
                    help="estimated onnxruntime speed-up to reach (default 2 unless --target-compression)")
     g.add_argument("--target-compression", type=argtypes.real(1.0, low_open=True), metavar="X",

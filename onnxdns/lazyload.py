@@ -21,7 +21,8 @@ import onnx
 LAZY_BYTES = 64 * 1024
 
 _LEN = 2
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+#: Field numbers of ModelProto.graph, GraphProto.initializer and TensorProto.raw_data.
+MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 
 
 class _Malformed(Exception):
@@ -86,7 +87,8 @@ def _fields(buf: memoryview, start: int, end: int):
         pos = nxt
 
 
-def _encode_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of ``n`` (>= 0)."""
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -99,7 +101,7 @@ def _encode_varint(n: int) -> bytes:
 
 
 def _len_field(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | _LEN) + _encode_varint(len(payload)) + payload
+    return encode_varint(number << 3 | _LEN) + encode_varint(len(payload)) + payload
 
 
 def _strip(buf: memoryview, location: str) -> tuple[bytes, int]:
@@ -107,19 +109,19 @@ def _strip(buf: memoryview, location: str) -> tuple[bytes, int]:
     model = bytearray()
     refs = 0
     for number, wire, tag, start, end in _fields(buf, 0, len(buf)):
-        if number != _MODEL_GRAPH or wire != _LEN:
+        if number != MODEL_GRAPH or wire != _LEN:
             model += buf[tag:end]
             continue
         graph = bytearray()
         for g_number, g_wire, g_tag, g_start, g_end in _fields(buf, start, end):
-            if g_number == _GRAPH_INITIALIZER and g_wire == _LEN:
+            if g_number == GRAPH_INITIALIZER and g_wire == _LEN:
                 tensor = _tensor(buf, g_start, g_end, location)
                 if tensor is not None:
-                    graph += _len_field(_GRAPH_INITIALIZER, tensor)
+                    graph += _len_field(GRAPH_INITIALIZER, tensor)
                     refs += 1
                     continue
             graph += buf[g_tag:g_end]
-        model += _len_field(_MODEL_GRAPH, bytes(graph))
+        model += _len_field(MODEL_GRAPH, bytes(graph))
     return bytes(model), refs
 
 
@@ -128,7 +130,7 @@ def _tensor(buf: memoryview, start: int, end: int, location: str) -> bytes | Non
     raw = None
     rest = bytearray()
     for number, wire, tag, v_start, v_end in _fields(buf, start, end):
-        if number == _TENSOR_RAW_DATA and wire == _LEN:
+        if number == TENSOR_RAW_DATA and wire == _LEN:
             raw = (v_start, v_end - v_start)
         else:
             rest += buf[tag:v_end]

@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from onnxdns import modelcheck
 from onnxdns.errors import OnnxdnsError, UnsupportedModelError
 from onnxdns.external_data import check_external_data, disk_bytes, drop_pages, load_external_data
-from onnxdns.lazyload import LAZY_BYTES, parse_lazy
+from onnxdns.lazyload import GRAPH_INITIALIZER, LAZY_BYTES, MODEL_GRAPH, TENSOR_RAW_DATA, encode_varint, parse_lazy
 
 logger = logging.getLogger(__name__)
 
@@ -428,34 +428,27 @@ def _write_streaming(model: ir.Model, tmp: Path) -> int:
     head = proto.SerializeToString()
 
     def tensor_len(header: bytes, tensor) -> int:
-        return len(header) + (0 if tensor is None else len(_key(9)) + len(_varint(tensor.nbytes)) + tensor.nbytes)
+        if tensor is None:
+            return len(header)
+        return len(header) + len(_key(TENSOR_RAW_DATA)) + len(encode_varint(tensor.nbytes)) + tensor.nbytes
 
     sizes = [tensor_len(h, t) for h, t in entries]
-    graph_len = len(graph) + sum(len(_key(5)) + len(_varint(n)) + n for n in sizes)
-    total = len(head) + len(_key(7)) + len(_varint(graph_len)) + graph_len
+    graph_len = len(graph) + sum(len(_key(GRAPH_INITIALIZER)) + len(encode_varint(n)) + n for n in sizes)
+    total = len(head) + len(_key(MODEL_GRAPH)) + len(encode_varint(graph_len)) + graph_len
     if total > PROTOBUF_LIMIT:
         return total
     with open(tmp, "wb") as fh:
-        fh.write(head + _key(7) + _varint(graph_len) + graph)
+        fh.write(head + _key(MODEL_GRAPH) + encode_varint(graph_len) + graph)
         for (header, tensor), size in zip(entries, sizes):
-            fh.write(_key(5) + _varint(size) + header)
+            fh.write(_key(GRAPH_INITIALIZER) + encode_varint(size) + header)
             if tensor is not None:
-                fh.write(_key(9) + _varint(tensor.nbytes))
+                fh.write(_key(TENSOR_RAW_DATA) + encode_varint(tensor.nbytes))
                 _write_tensor_bytes(fh, tensor)
     return total
 
 
 def _key(field: int) -> bytes:
-    return _varint(field << 3 | 2)  # a length-delimited field's key
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return encode_varint(field << 3 | 2)  # a length-delimited field's key
 
 
 #: Bytes written at a time by :func:`_write_tensor_bytes`.

@@ -360,10 +360,8 @@ def output_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return d
 
 
-def _samples_in(feeds: Mapping[str, np.ndarray], size: int | None = None) -> int:
-    """Samples in one run: the batch size, else the first input's leading dimension, else 1."""
-    if size is not None:
-        return size
+def _samples_in(feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in one run: the first input's leading dimension, else 1."""
     first = next(iter(feeds.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim else 1
 

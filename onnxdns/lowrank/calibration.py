@@ -211,10 +211,10 @@ def _gather(data: Any, specs: Sequence[InputSpec], samples: int, seed: int) -> t
     parts: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
     have = 0
     for batch in source.batches(min(samples, 256), seed=seed):
-        take = min(samples - have, len(batch))
+        first = batch.take(min(samples - have, len(batch)))
         for s in specs:
-            parts[s.name].append(_take(batch.inputs[s.name], s.batch_axis, 0, take))
-        have += take
+            parts[s.name].append(first.inputs[s.name])
+        have += len(first)
         if have >= samples:
             break
     if not have:

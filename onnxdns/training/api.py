@@ -144,7 +144,7 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
         session = TrainingSession(art, threads=threads)
     else:
         art = artifacts_mod.Artifacts.load(ckpt_dir / ARTIFACTS_DIR)
-        ort_ckpt, _ = read_checkpoint(ckpt_dir)  # verified before onnxruntime reads it
+        ort_ckpt, state = read_checkpoint(ckpt_dir)  # verified (hashed) once, before onnxruntime reads it
         session = TrainingSession(art, ort_ckpt, threads=threads)
 
     schedule = LRSchedule(config.schedule, config.lr, total_steps, gamma=config.lr_gamma, step_size=config.lr_step)
@@ -155,7 +155,7 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
         seed=config.seed, checkpoint_dir=ckpt_dir, eval_batch_size=eval_batch_size, progress=progress,
     )
     if resume is not None:
-        trainer.load_state(ckpt_dir)
+        trainer.load_state(ckpt_dir, state)
     outcome = trainer.run()
 
     written = None

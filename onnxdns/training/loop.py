@@ -174,10 +174,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def load_state(self, directory: str | os.PathLike) -> None:
+    def load_state(self, directory: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
         """Restore loop and hook state saved by :meth:`save_checkpoint` (the session must have been
-        opened on the same directory's onnxruntime checkpoint, see :func:`read_checkpoint`)."""
-        _, data = read_checkpoint(directory)
+        opened on the same directory's onnxruntime checkpoint, see :func:`read_checkpoint`);
+        ``data``: what :func:`read_checkpoint` already returned for it (else it is read here)."""
+        if data is None:
+            _, data = read_checkpoint(directory)
         trainer_json = checkpoint_paths(directory)[1]
         if data["step"] > self.total_steps:
             raise OnnxdnsError(f"{trainer_json}: step {data['step']} is beyond this run's {self.total_steps} steps; "
