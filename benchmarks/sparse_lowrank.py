@@ -47,7 +47,7 @@ from onnxdns.data import load_dataset
 from onnxdns.lowrank.finetune import finetune
 from onnxdns.models import export_model
 from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
-from onnxdns.passes.sparse_lowrank import SparseLowRankPass
+from onnxdns.workflows.sparse_lowrank import SparseLowRank
 from onnxdns.stats import model_stats
 from onnxdns.validate import measure_latency
 from stages import Stage, rel
@@ -100,9 +100,9 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     # 1. the pass (cached: a rerun with the same baseline and settings reuses the split model)
     def run_split() -> dict:
         t0 = time.perf_counter()
-        slr = SparseLowRankPass("fashion-mnist", target_speedup=args.target_speedup,
-                                target_compression=args.target_compression or None, calib_samples=args.calib_samples,
-                                iterations=args.iterations, compare=True, threads=args.threads, progress=True)
+        slr = SparseLowRank("fashion-mnist", target_speedup=args.target_speedup,
+                            target_compression=args.target_compression or None, calib_samples=args.calib_samples,
+                            iterations=args.iterations, compare=True, threads=args.threads, progress=True)
         applied = slr.apply(modelio.to_ir(modelio.load_model(baseline_path)))
         seconds = time.perf_counter() - t0
         modelio.save_model(modelio.to_proto(applied.model), split_path)
@@ -211,9 +211,9 @@ def imagenet_worker(config: dict) -> dict:
     model = modelio.load_model(src)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    slr = SparseLowRankPass(config["calib_data"], target_speedup=config["target_speedup"],
-                            calib_samples=config["calib_samples"], iterations=config["iterations"],
-                            max_rows=config["max_rows"], compare=True, threads=config["threads"], progress=True)
+    slr = SparseLowRank(config["calib_data"], target_speedup=config["target_speedup"],
+                        calib_samples=config["calib_samples"], iterations=config["iterations"],
+                        max_rows=config["max_rows"], compare=True, threads=config["threads"], progress=True)
     applied = slr.apply(modelio.to_ir(model))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

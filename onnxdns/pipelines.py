@@ -43,6 +43,17 @@ ROUND_TO = {"cpu": 8, "cuda": 8}
 CUDA_ROUND_TO = 8
 
 
+def _sparse_lowrank():
+    from onnxdns.workflows.sparse_lowrank import SparseLowRank
+
+    return SparseLowRank
+
+
+#: Passes whose plan is fitted on data first: the pipeline runs the workflow step (calibration,
+#: fitting, the pass, fine-tuning) in the pass's place; its options are the step's.
+FITTED = {"sparse-lowrank": _sparse_lowrank}
+
+
 def pipeline_names(target: str, precision: str = "fp32") -> list[str]:
     """The pass names of a target pipeline, in order."""
     check_target(target, precision)
@@ -104,7 +115,10 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
             kwargs["provider"] = "CUDAExecutionProvider"  # its speed check times the split on the target
         kwargs.update(options.get(name.replace("-", "_"), {}))
         try:
-            passes.append(registry.get_pass(name, **kwargs))
+            if name in FITTED:  # a workflow step: fits its plan on data, then runs its pass
+                passes.append(FITTED[name]()(**kwargs))
+            else:
+                passes.append(registry.get_pass(name, **kwargs))
         except TypeError as e:
             raise OnnxdnsError(f"pass '{name}': bad options {kwargs}: {e}") from None
     return passes

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from onnxdns import modelio
 from onnxdns.passes import PASSES
 from passkit import (all_call_styles, assert_exact, check_idempotent, feeds_for, init, make_model, roundtrip, run,
                      same_bytes, tensor_input)
@@ -75,6 +76,19 @@ def model_for(pass_cls) -> onnx.ModelProto:
     return generic_model(shuffled=pass_cls.name == "topo-sort")
 
 
+def options_for(pass_cls, model: onnx.ModelProto) -> dict:
+    """Constructor options: none, except for a pass that applies a plan fitted by its workflow
+    (sparse-lowrank: a plan fitted on ``model`` with random calibration inputs)."""
+    if pass_cls.name == "sparse-lowrank":
+        from onnxdns.workflows.sparse_lowrank import SparseLowRank
+
+        plan = SparseLowRank(None, calib_samples=16, target_compression=1.5, iterations=1, threads=1,
+                             speed_check=False).fit(modelio.to_ir(model))
+        assert plan.fitted, "the generic model gives sparse-lowrank nothing to split"
+        return {"plan": plan}
+    return {}
+
+
 def assert_faithful(pass_cls, before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     """Exact passes: onnxruntime outputs agree to 1e-5 x max(1, scale). Lossy passes state their
     own bound (tested in their own files): here the outputs keep names and shapes and stay finite."""
@@ -107,7 +121,8 @@ def test_registry_metadata():
 @pytest.mark.parametrize("pass_cls", PASSES, ids=lambda cls: cls.name)
 def test_three_call_styles_agree_and_are_faithful(pass_cls):
     model = model_for(pass_cls)
-    (_, from_proto, modified), (_, from_gs, _), (_, from_manager, manager_modified) = all_call_styles(pass_cls, model)
+    (_, from_proto, modified), (_, from_gs, _), (_, from_manager, manager_modified) = all_call_styles(pass_cls, model,
+                                                                                              **options_for(pass_cls, model))
     assert modified, f"{pass_cls.name} found nothing to do in the generic model"
     assert manager_modified == modified
     assert same_bytes(from_proto, from_manager)
@@ -122,6 +137,7 @@ def test_three_call_styles_agree_and_are_faithful(pass_cls):
 @pytest.mark.parametrize("pass_cls", PASSES, ids=lambda cls: cls.name)
 def test_modified_is_honest_and_second_run_changes_nothing(pass_cls):
     model = model_for(pass_cls)
-    result = pass_cls().apply(model)
+    options = options_for(pass_cls, model)
+    result = pass_cls(**options).apply(model)
     assert result.modified == (not same_bytes(result.model, roundtrip(model)))
-    check_idempotent(pass_cls, model)
+    check_idempotent(pass_cls, model, **options)

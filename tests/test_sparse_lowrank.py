@@ -13,7 +13,7 @@ from onnxdns.lowrank import calibration, emit
 from onnxdns.lowrank.fit import Factors
 from onnxdns.lowrank.layers import MARK, find_layers
 from onnxdns.lowrank.split import Settings, split_model
-from onnxdns.passes.sparse_lowrank import SparseLowRankPass
+from onnxdns.workflows.sparse_lowrank import SparseLowRank
 from passkit import assert_exact, check_idempotent, init, make_model, op_types, run, tensor_input
 
 RNG = np.random.default_rng(7)
@@ -140,7 +140,7 @@ def test_input_channels_no_split_layer_reads_leave_their_producer(rank):
     """After the split of "layer" into a sparse part over input channels 1, 4, 6 (and a rank-2 part),
     narrowing is exact; with no low-rank part nobody reads the other five channels, so the producer
     keeps three filters and the Gather goes; a low-rank part reads them all, so nothing changes."""
-    from onnxdns.passes.sparse_lowrank import _narrow_inputs
+    from onnxdns.passes.sparse_lowrank import narrow_inputs as _narrow_inputs
 
     model = two_convs()
     ir_model = modelio.to_ir(model)
@@ -248,7 +248,7 @@ def test_pass_on_real_data_is_idempotent_and_keeps_the_interface():
     model = tiny_net()
     options = {"calib_data": "fashion-mnist", "calib_samples": 96, "target_speedup": 1.6, "iterations": 5, "threads": 1,
                "speed_check": False}
-    result = SparseLowRankPass(**options).apply(model)
+    result = SparseLowRank(**options).apply(model)
     assert result.modified
     assert result.details["folded_batchnorm"] == ["conv1"]
     assert result.details["speed_check"]["skipped"] and "disabled" in result.details["speed_check"]["reason"]
@@ -258,18 +258,18 @@ def test_pass_on_real_data_is_idempotent_and_keeps_the_interface():
     feeds = {"input": np.asarray(load_dataset("fashion-mnist", "test").images[:16], np.float32)}
     assert run(result.model, feeds)[0].shape == (16, 10)
     assert result.details["split_layers"] >= 1
-    check_idempotent(SparseLowRankPass, result.model, **options)
+    check_idempotent(SparseLowRank, result.model, **options)
 
 
 def test_options_are_checked():
     from onnxdns.errors import OnnxdnsError
 
     with pytest.raises(OnnxdnsError, match="above 1"):
-        SparseLowRankPass(target_speedup=2, target_compression=1)
+        SparseLowRank(target_speedup=2, target_compression=1)
     with pytest.raises(OnnxdnsError, match="above 1"):
-        SparseLowRankPass(target_speedup=0.5)
+        SparseLowRank(target_speedup=0.5)
     with pytest.raises(OnnxdnsError, match="dataset name"):
-        SparseLowRankPass(np.zeros((4, 1, 28, 28), np.float32), finetune_epochs=1)
+        SparseLowRank(np.zeros((4, 1, 28, 28), np.float32), finetune_epochs=1)
 
 
 def test_calibration_images_are_resized_to_the_model_input():
@@ -332,7 +332,7 @@ def test_sensitivities_are_measured_on_the_model_outputs():
 def test_finetune_updates_the_split_model_in_place():
     from onnxdns.lowrank.finetune import finetune
 
-    result = SparseLowRankPass("fashion-mnist", calib_samples=96, target_speedup=1.6, iterations=3,
+    result = SparseLowRank("fashion-mnist", calib_samples=96, target_speedup=1.6, iterations=3,
                                threads=1, speed_check=False).apply(modelio.to_ir(tiny_net()))
     model = result.model
     before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items() if MARK in n}

@@ -18,7 +18,7 @@ from onnxdns import cli, modelio, runtime
 from onnxdns.errors import OnnxdnsError
 from onnxdns.lowrank import calibration, speed
 from onnxdns.lowrank.layers import MARK
-from onnxdns.passes.sparse_lowrank import SparseLowRankPass
+from onnxdns.workflows.sparse_lowrank import SparseLowRank
 from passkit import init, make_model, op_types, run, tensor_input
 
 RNG = np.random.default_rng(11)
@@ -105,7 +105,7 @@ def test_transformer_encoder_seq_batch_layout_is_split(encoder):
     spec, = calibration.input_specs(encoder)
     assert spec.batch_axis == 1
     calib = normal(10, 40, 32)  # [seq, batch, d]: 40 samples
-    result = SparseLowRankPass(calib, target_compression=1.6, iterations=3, threads=1, speed_check=False).apply(encoder)
+    result = SparseLowRank(calib, target_compression=1.6, iterations=3, threads=1, speed_check=False).apply(encoder)
     d = result.details
     assert d["calibration"]["images"] == 40 and d["split_layers"] >= 2
     names = [r["name"] for r in d["layers"]]
@@ -126,14 +126,14 @@ def test_bert_like_model_with_token_ids_and_mask(bert):
     """Regression: ``InvalidArgument ... expected: (tensor(int64))``. Calibration data: a dict of
     arrays named after the inputs (int64 ids, bool mask), or random inputs of the right dtypes."""
     inputs = bert_inputs(48)
-    result = SparseLowRankPass(inputs, target_compression=1.6, iterations=3, threads=1,
+    result = SparseLowRank(inputs, target_compression=1.6, iterations=3, threads=1,
                                speed_check=False).apply(bert)
     assert result.details["split_layers"] >= 2 and result.details["calibration"]["images"] == 48
     assert [i.type.tensor_type.elem_type for i in result.model.graph.input] == [TensorProto.INT64, TensorProto.BOOL]
     feeds = bert_inputs(5, seed=1)
     assert run(result.model, feeds)[0].shape == (5, 3)
     assert rel_diff(bert, result.model, feeds) < 0.5
-    randomly = SparseLowRankPass(None, calib_samples=32, target_compression=1.6, iterations=2, threads=1,
+    randomly = SparseLowRank(None, calib_samples=32, target_compression=1.6, iterations=2, threads=1,
                                  speed_check=False).apply(bert)
     assert randomly.details["split_layers"] >= 1 and "random" in randomly.details["calibration"]["data"]
 
@@ -141,15 +141,15 @@ def test_bert_like_model_with_token_ids_and_mask(bert):
 @pytest.mark.torch
 def test_calibration_data_is_checked_against_the_inputs(bert):
     with pytest.raises(OnnxdnsError, match="named after the model inputs"):
-        SparseLowRankPass({"input_ids": bert_inputs(8)["input_ids"]}, speed_check=False).apply(bert)
+        SparseLowRank({"input_ids": bert_inputs(8)["input_ids"]}, speed_check=False).apply(bert)
     with pytest.raises(OnnxdnsError, match="one input"):
-        SparseLowRankPass(bert_inputs(8)["input_ids"], speed_check=False).apply(bert)
+        SparseLowRank(bert_inputs(8)["input_ids"], speed_check=False).apply(bert)
     floats = dict(bert_inputs(8), input_ids=normal(8, 16))
     with pytest.raises(OnnxdnsError, match="integer or boolean"):
-        SparseLowRankPass(floats, speed_check=False).apply(bert)
+        SparseLowRank(floats, speed_check=False).apply(bert)
     short = dict(bert_inputs(8), attention_mask=np.ones((6, 16), bool))
     with pytest.raises(OnnxdnsError, match="different numbers of samples"):
-        SparseLowRankPass(short, speed_check=False).apply(bert)
+        SparseLowRank(short, speed_check=False).apply(bert)
 
 
 @pytest.mark.torch
@@ -215,18 +215,18 @@ def test_unusable_calibration_arrays_are_user_errors():
     bad = normal(16, 24)
     bad[3, 5] = np.nan
     with pytest.raises(OnnxdnsError, match="NaN or infinite"):
-        SparseLowRankPass(bad, speed_check=False).apply(model)
+        SparseLowRank(bad, speed_check=False).apply(model)
     with pytest.raises(OnnxdnsError, match="at least 2 samples"):
-        SparseLowRankPass(normal(1, 24), speed_check=False).apply(model)
+        SparseLowRank(normal(1, 24), speed_check=False).apply(model)
     with pytest.raises(OnnxdnsError, match="does not fit model input"):
-        SparseLowRankPass(normal(16, 20), speed_check=False).apply(model)
+        SparseLowRank(normal(16, 20), speed_check=False).apply(model)
 
 
 def test_weights_and_biases_behind_identity_and_constants_are_candidates():
     """Regression: a legacy export left most layers dense ("bias is not a constant"). The pass runs
     eliminate-identity and fold-constants itself: every layer is a candidate."""
     model = identity_net()
-    result = SparseLowRankPass(None, calib_samples=64, target_compression=2.0, iterations=3, threads=1,
+    result = SparseLowRank(None, calib_samples=64, target_compression=2.0, iterations=3, threads=1,
                                speed_check=False).apply(model)
     d = result.details
     assert d["skipped"] == {}
@@ -257,7 +257,7 @@ def test_a_split_that_does_not_pay_is_undone():
     """The MAC target splits every layer; measured on onnxruntime the split model is slower, so the
     pass undoes the splits (halving, then none) and says so, with every measurement."""
     model = gemm_chain()
-    result = SparseLowRankPass(None, calib_samples=160, target_speedup=3.0, cost="macs", iterations=2,
+    result = SparseLowRank(None, calib_samples=160, target_speedup=3.0, cost="macs", iterations=2,
                                threads=1).apply(model)
     d = result.details
     check = d["speed_check"]
@@ -281,7 +281,7 @@ def test_fallback_candidates_rebuild_the_kept_splits_exactly():
 
     base = identity_net()
     ir_model = modelio.to_ir(base)
-    from onnxdns.passes.sparse_lowrank import _clean_up
+    from onnxdns.passes.sparse_lowrank import clean_up as _clean_up
 
     _clean_up(ir_model)
     cleaned = modelio.to_proto(ir_model)
@@ -312,7 +312,7 @@ def test_speed_check_on_an_unavailable_target_provider_is_reported_skipped():
     assert slr.provider == "CUDAExecutionProvider" and slr.settings.round_to == 8
     if "CUDAExecutionProvider" in runtime.available_providers():
         pytest.skip("a CUDA provider is available here")
-    result = SparseLowRankPass(None, calib_samples=64, target_compression=2.0, iterations=1, threads=1,
+    result = SparseLowRank(None, calib_samples=64, target_compression=2.0, iterations=1, threads=1,
                                provider="CUDAExecutionProvider").apply(identity_net())
     check = result.details["speed_check"]
     assert check["skipped"] and "CUDAExecutionProvider is not available" in check["reason"]
@@ -336,7 +336,7 @@ def conv_stack(width: int = 64) -> onnx.ModelProto:
 
 def test_a_split_that_pays_is_kept_with_its_measurement():
     model = conv_stack()
-    result = SparseLowRankPass(None, calib_samples=24, target_speedup=3.0, skip=("conv0",), iterations=2,
+    result = SparseLowRank(None, calib_samples=24, target_speedup=3.0, skip=("conv0",), iterations=2,
                                threads=1).apply(model)
     check = result.details["speed_check"]
     assert check["fallback"] == "none" and len(check["attempts"]) == 1
@@ -419,7 +419,7 @@ def test_mobilenet_v3_style_net_is_never_returned_slower(mobilenet_v3):
     side-by-side measurement agrees that it is not slower."""
     from onnxdns.validate import measure_latency
 
-    result = SparseLowRankPass(None, calib_samples=24, target_speedup=2.0, iterations=2).apply(mobilenet_v3)
+    result = SparseLowRank(None, calib_samples=24, target_speedup=2.0, iterations=2).apply(mobilenet_v3)
     d = result.details
     assert any(reason == "grouped or depthwise convolution" for reason in d["skipped"].values())
     check = d["speed_check"]
@@ -441,7 +441,7 @@ def test_mobilenet_v3_style_net_is_never_returned_slower(mobilenet_v3):
 
 def test_progress_bars_and_stage_logging(capsys, caplog):
     caplog.set_level(logging.INFO, logger="onnxdns")
-    SparseLowRankPass(None, calib_samples=32, target_compression=2.0, iterations=1, threads=1, speed_check=False,
+    SparseLowRank(None, calib_samples=32, target_compression=2.0, iterations=1, threads=1, speed_check=False,
                       progress=True).apply(identity_net())
     err = capsys.readouterr().err
     assert "sparse-lowrank calibrate" in err and "sample/s" in err and "sparse-lowrank fit" in err
@@ -457,8 +457,8 @@ def test_the_pass_without_finetuning_imports_neither_torch_nor_training(tmp_path
     onnx.save(identity_net(), path)
     code = ("import sys, onnx\n"
             "sys.modules['torch'] = sys.modules['onnxruntime.training'] = None  # importing them now fails\n"
-            "from onnxdns.passes.sparse_lowrank import SparseLowRankPass\n"
-            f"r = SparseLowRankPass(None, calib_samples=32, target_compression=2.0, iterations=1, threads=1)"
+            "from onnxdns.workflows.sparse_lowrank import SparseLowRank\n"
+            f"r = SparseLowRank(None, calib_samples=32, target_compression=2.0, iterations=1, threads=1)"
             f".apply(onnx.load({str(path)!r}))\n"
             "assert r.details['layers'] and not r.details['speed_check']['skipped']\n"
             "print('done')\n")
@@ -474,7 +474,7 @@ def test_a_model_with_a_static_batch_of_one_is_calibrated_one_sample_per_run():
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
     spec, = calibration.input_specs(model)
     assert calibration.static_batch([spec]) == 1
-    result = SparseLowRankPass(normal(40, 24), target_compression=2.0, iterations=2, threads=1).apply(model)
+    result = SparseLowRank(normal(40, 24), target_compression=2.0, iterations=2, threads=1).apply(model)
     d = result.details
     assert d["calibration"]["images"] == 40 and d["calibration"]["eval_images"] == 8
     assert d["speed_check"]["batches"] == [1]
@@ -510,7 +510,7 @@ def test_trained_ocr_detector_is_never_returned_slower():
     model = onnx.load(ocr_detector_path())
     images = calibration.fit_images(np.asarray(load_dataset("fashion-mnist", "train").images[:12], np.float32),
                                     (3, 64, 64))
-    result = SparseLowRankPass(images, target_speedup=2.0, iterations=2, sensitivity=False).apply(model)
+    result = SparseLowRank(images, target_speedup=2.0, iterations=2, sensitivity=False).apply(model)
     d = result.details
     assert any(reason == "grouped or depthwise convolution" for reason in d["skipped"].values())
     check = d["speed_check"]
