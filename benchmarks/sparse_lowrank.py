@@ -47,6 +47,9 @@ from onnxdns.data import load_dataset
 from onnxdns.lowrank.finetune import finetune
 from onnxdns.models import export_model
 from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+from onnxdns.sources import model_inputs
+from onnxdns.sources.datasets import DatasetSource
+from onnxdns.workflows.evaluate import evaluate
 from onnxdns.workflows.sparse_lowrank import SparseLowRank
 from onnxdns.stats import model_stats
 from onnxdns.validate import measure_latency
@@ -167,14 +170,9 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _accuracy(path: Path, dataset, batch: int = 500) -> float:
-    """Top-1 accuracy of the model at ``path`` on ``dataset`` (onnxruntime, CPU)."""
-    session = runtime.make_session(path)
-    name = session.get_inputs()[0].name
-    hits = 0
-    for start in range(0, len(dataset), batch):
-        logits = session.run(None, {name: np.asarray(dataset.images[start:start + batch], np.float32)})[0]
-        hits += int(np.sum(np.argmax(logits, axis=1) == dataset.labels[start:start + batch]))
-    return hits / len(dataset)
+    """Top-1 accuracy of the model at ``path`` on ``dataset`` (the workflows' evaluator, onnxruntime CPU)."""
+    source = DatasetSource("fashion-mnist", model_inputs(path), dataset=dataset)
+    return evaluate(path, source, batch_size=batch).accuracy
 
 
 def _latency(models: dict[str, Path], batches: dict[int, int], shape: tuple[int, ...], threads: list[int],
