@@ -127,7 +127,7 @@ def optimize(
     from onnxdns.validate import DATA_CHOICES, check_effort, is_inputs_file, is_user_source
 
     src, out = Path(input_path), Path(output_path)
-    _check_output_path(src, out)
+    modelio.check_output(out, src)
     pipelines.check_target(target, precision)
     if passes is None:
         pipeline = pipelines.get_pipeline(target, precision, **(pass_options or {}))
@@ -250,15 +250,6 @@ def _validation_inputs(path: Path, model: onnx.ModelProto, data: Any, data_dir: 
     effort = _validation_effort(macs, "random", samples)
     return plan_inputs(path, batch=min(effort["batch"], effort["samples"]), probe=True, graph=model)
 
-
-def _check_output_path(src: Path, out: Path) -> None:
-    if (out.exists() and src.exists() and os.path.samefile(out, src)) or out.resolve() == src.resolve():
-        raise OnnxdnsError(f"{out}: the output path is the input model; choose another output path")
-    if out.is_dir():
-        raise OnnxdnsError(f"{out}: is a directory; give an output file name")
-    if not out.parent.exists():
-        raise OnnxdnsError(f"{out.parent}: output folder does not exist")
-    modelio.check_output_file(out)
 
 
 def _reason(e: BaseException) -> str:

@@ -336,6 +336,20 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, pr
     return out
 
 
+def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """The one output check of every command, before any work: ``out`` is not one of ``inputs``
+    (the same file, or the same path where none exists yet) and can be replaced by a model file
+    (see :func:`check_output_file`). Raises a one-line :class:`OnnxdnsError`."""
+    out = Path(out)
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        if (out.exists() and src.exists() and os.path.samefile(out, src)) or out.resolve() == src.resolve():
+            raise OnnxdnsError(f"{out}: the output path is the input model; choose another output path")
+    check_output_file(out)
+
+
 def check_output_file(out: Path) -> None:
     """Raise unless ``out`` can be replaced by a model file: its folder exists, and it does not
     exist or is a regular file (a FIFO or a device such as /dev/null would be replaced by a file)."""
