@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +24,6 @@ class TrainingSession:
     def __init__(self, artifacts: Artifacts, checkpoint: str | os.PathLike | None = None, *, threads: int = 0) -> None:
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-        if len(artifacts.inputs) != 2:
-            raise OnnxdnsError(f"{artifacts.directory}: the training model takes inputs {list(artifacts.inputs)}; "
-                               "expected (data, labels)")
         self.artifacts = artifacts
         path = Path(checkpoint) if checkpoint is not None else artifacts.checkpoint
         options = ort.SessionOptions()
@@ -43,23 +41,32 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, inputs: np.ndarray, labels: np.ndarray, lr: float) -> list[np.ndarray]:
-        """Forward, backward and one momentum-SGD update at learning rate ``lr``.
+    def train_step(self, feeds: Sequence[np.ndarray], lr: float) -> list[np.ndarray]:
+        """Forward, backward and one momentum-SGD update at learning rate ``lr``. ``feeds``: one
+        array per training-model input, in the order of ``artifacts.inputs`` (the model's inputs,
+        then the loss's: labels or the teacher's outputs).
 
         Returns ``[loss, *outputs, *train_only_outputs]`` of the forward pass (before the update).
         """
+        self._check(feeds)
         self.module.train()
-        fetched = self.module(inputs, labels)
+        fetched = self.module(*feeds)
         self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
 
-    def eval_step(self, inputs: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
-        """``[loss, *outputs]`` of the eval model (no update)."""
+    def eval_step(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``[loss, *outputs]`` of the eval model (no update); ``feeds`` as for :meth:`train_step`."""
+        self._check(feeds)
         self.module.eval()
-        fetched = self.module(inputs, labels)
+        fetched = self.module(*feeds)
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
+
+    def _check(self, feeds: Sequence[np.ndarray]) -> None:
+        if len(feeds) != len(self.artifacts.inputs):
+            raise OnnxdnsError(f"the training model takes {len(self.artifacts.inputs)} inputs "
+                               f"({', '.join(self.artifacts.inputs)}), got {len(feeds)} arrays")
 
     # ------------------------------------------------------------------ parameters
 
