@@ -345,12 +345,38 @@ def artifact_spec(config: TrainConfig, params: ParameterSet, model: onnx.ModelPr
     loss outputs after the loss."""
     if loss_spec is None:
         loss_spec = _loss_spec(config, model, True)
+    reach = reachable(model, loss_spec.outputs)
+    penalty_inputs = set(getattr(options.penalty, "scales", ()))
+    unused = [p for p in params.trainable if p not in reach and p not in penalty_inputs]
+    if unused:  # onnxruntime refuses a gradient that does not reach the loss
+        log.info("not trained (the loss outputs do not depend on them): %s", ", ".join(unused))
+    trainable = tuple(p for p in params.trainable if p not in unused)
     return artifacts_mod.ArtifactSpec(
-        trainable=tuple(params.trainable), frozen=tuple(params.frozen), straight_through=options.straight_through,
+        trainable=trainable, frozen=tuple(params.frozen) + tuple(unused),
+        straight_through={p: m for p, m in options.straight_through.items() if p in trainable},
         momentum=config.momentum, weight_decay=config.weight_decay,
         loss=losses.block_factory(loss_spec, options.penalty),
         outputs=tuple(loss_spec.outputs), train_only_outputs=tuple(params.writeback),
     )
+
+
+def reachable(model: onnx.ModelProto, outputs) -> set[str]:
+    """Names of the values (initializers included) that ``outputs`` depend on."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    todo = list(outputs)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None:
+            todo.extend(i for i in node.input if i)
+            for attr in node.attribute:  # a subgraph (If, Loop) reads outer values by name
+                for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    todo.extend(i for n in g.node for i in n.input if i)
+    return seen
 
 
 def inference_model(model: onnx.ModelProto, session: TrainingSession) -> onnx.ModelProto:
