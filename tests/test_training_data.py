@@ -325,3 +325,38 @@ def test_model_without_float_output_is_an_error(tmp_path, capsys):
     code, _, err = run(capsys, *_base(model, out), "--data", tmp_path / "x.npy")
     assert_user_error(code, err, "distillation needs a float model output")
     _nothing_written(tmp_path, out)
+
+
+def test_slim_from_unlabelled_folder(tmp_path, capsys):
+    """``onnxdns slim`` on a BatchNorm model with a flat folder: both training stages distill
+    from the input model, the output is written and validated."""
+    from onnxdns.testing import export_module
+    from onnxdns import modelio
+
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(8, 3)
+            with torch.no_grad():
+                for bn in (self.features[1], self.features[4]):
+                    bn.weight.uniform_(0.0, 1.0)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    src = tmp_path / "bn.onnx"
+    modelio.save_model(export_module(BN(), (3, 12, 12)), src)
+    folder = _flat_folder(tmp_path / "imgs", n=40)
+    out = tmp_path / "slim.onnx"
+    code, stdout, err = run(capsys, "slim", src, "-o", out, "--data", folder, "--epochs", "1", "--batch-size", "8",
+                            "--slim-lambda", "0.01", "--prune-ratio", "0.25", "--round-to", "1", "--threads", "1", "--no-progress")
+    assert code == 0, err
+    assert out.exists()
+    import json
+    for stage in ("sparse", "finetune"):
+        run_file = json.loads((tmp_path / "slim.slim" / f"{stage}.ckpt" / api.RUN_FILE).read_text())
+        assert run_file["config"]["data"] == str(folder) and run_file["config"]["loss"] is None
