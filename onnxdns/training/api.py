@@ -112,9 +112,12 @@ def train(
     options = dict(options)
     sources = {}
     for key in ("data", "val_data"):
-        if isinstance(options.get(key), Source):
-            sources[key] = options[key]
-            options[key] = f"{SOURCE_PREFIX}{options[key].name}"
+        value = options.get(key)
+        if isinstance(value, Source):
+            sources[key] = value
+            options[key] = f"{SOURCE_PREFIX}{value.name}"
+        elif isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+            options[key] = os.path.abspath(value)  # run.json names it wherever the run is resumed from
     config, input_path, output_path, ckpt_dir = _resolve(input_path, output_path, checkpoint_dir, resume, options)
     out = Path(output_path)
     _check_output(out, input_path)

@@ -49,18 +49,24 @@ class TrainingSession:
         Returns ``[loss, *outputs, *train_only_outputs]`` of the forward pass (before the update).
         """
         self._check(feeds)
-        self.module.train()
-        fetched = self.module(*feeds)
-        self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        try:
+            self.module.train()
+            fetched = self.module(*feeds)
+            self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
+            self.optimizer.step()
+            self.module.lazy_reset_grad()
+        except Exception as e:  # onnxruntime's own exception types: a misfit the checks before did not catch
+            raise OnnxdnsError(f"onnxruntime failed in a training step: {_first_line(e)}") from None
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
 
     def eval_step(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``[loss, *outputs]`` of the eval model (no update); ``feeds`` as for :meth:`train_step`."""
         self._check(feeds)
-        self.module.eval()
-        fetched = self.module(*feeds)
+        try:
+            self.module.eval()
+            fetched = self.module(*feeds)
+        except Exception as e:
+            raise OnnxdnsError(f"onnxruntime failed in an evaluation step: {_first_line(e)}") from None
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
 
     def _check(self, feeds: Sequence[np.ndarray]) -> None:
@@ -90,3 +96,8 @@ class TrainingSession:
         from onnxruntime.training.api import CheckpointState
 
         CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
