@@ -360,3 +360,32 @@ def test_slim_from_unlabelled_folder(tmp_path, capsys):
     for stage in ("sparse", "finetune"):
         run_file = json.loads((tmp_path / "slim.slim" / f"{stage}.ckpt" / api.RUN_FILE).read_text())
         assert run_file["config"]["data"] == str(folder) and run_file["config"]["loss"] is None
+
+
+def test_source_object_and_batch_shape_change(tmp_path):
+    """``data=`` a Source object (recorded by name; needed again on resume); a data function whose
+    batches change shape stops with one line naming the input, nothing at the output path."""
+    from onnxdns.errors import OnnxdnsError
+    from onnxdns.sources import model_inputs, open_source
+
+    model = _export(ConvNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "dyn.onnx", ["image"], ["logits"],
+                    dynamic={"image": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", image=rng.random((20, 3, 12, 12), dtype=np.float32))
+    source = open_source(tmp_path / "d.npz", model_inputs(model))
+    r = api.train(model, tmp_path / "a.onnx", data=source, method="none", iterations=3, batch_size=4, **FAST)
+    assert r.output.exists() and r.loss == "distill"
+    run_file = (r.checkpoint_dir / api.RUN_FILE).read_text()
+    assert f'"{api.SOURCE_PREFIX}d.npz"' in run_file
+
+    (tmp_path / "sizes.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    for k in range(4):\n"
+        "        yield {'image': np.zeros((2, 3, 12 + 2 * (k == 2), 12), np.float32)}\n")
+    out = tmp_path / "b.onnx"
+    with pytest.raises(OnnxdnsError, match=r"input image shape \[2, 3, 14, 12\]; the training model was built for "
+                                           r"the first batch's \[2, 3, 12, 12\]"):
+        api.train(model, out, data=f"{tmp_path / 'sizes.py'}:batches", val_data=str(tmp_path / "d.npz"),
+                  method="none", iterations=4, **FAST)
+    assert not out.exists()

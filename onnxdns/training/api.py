@@ -1,4 +1,10 @@
-"""``train``: fine-tune an ONNX classifier with onnxruntime-training, pruning it with DNS or by magnitude.
+"""``train``: fine-tune an ONNX model with onnxruntime-training, pruning it with DNS or by magnitude.
+
+Data come from any :mod:`onnxdns.sources` source (built-in data sets, folders of images, arrays,
+data functions), validated on ``val_data`` or a held-out ``val_fraction``; the loss is
+cross-entropy with labels or distillation from the input model without them
+(:mod:`onnxdns.training.losses`). Any number of inputs and outputs; the training graph is built for
+the first training batch's shapes, the output keeps the model's dynamic dimensions.
 
 Methods:
 

@@ -107,7 +107,8 @@ class Artifacts:
         fields = {f.name for f in dataclasses.fields(cls)} - {"directory"}
         missing = fields - set(data)
         if missing:
-            raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))})")
+            raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))}; made by another "
+                               "onnxdns version?); start the run over")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
         if values["input_shapes"] is not None and not isinstance(values["input_shapes"], dict):
             raise OnnxdnsError(f"{path}: damaged manifest (input_shapes)")
