@@ -389,3 +389,38 @@ def test_source_object_and_batch_shape_change(tmp_path):
         api.train(model, out, data=f"{tmp_path / 'sizes.py'}:batches", val_data=str(tmp_path / "d.npz"),
                   method="none", iterations=4, **FAST)
     assert not out.exists()
+
+
+def test_builtin_data_keep_their_order_and_reshape(tmp_path):
+    """mnist through the source interface: the subset, the epoch order and the test subset are the
+    ones the array loop used (seeded subset, then ``default_rng([seed, epoch])`` permutations), and
+    a model taking [N, 784] gets the images reshaped."""
+    from onnx import TensorProto, helper
+
+    from onnxdns.data import load_dataset, subset
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 784])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              [numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    config = TrainConfig(data="mnist", subset=640, test_subset=300, seed=3, batch_size=64)
+    data = api.open_data(config, model)
+    assert data.val_split == "test" and data.steps_per_epoch == 10
+    old_train = subset(load_dataset("mnist", "train"), 640, 3)
+    old_test = subset(load_dataset("mnist", "test"), 300, 3)
+    for epoch in (0, 1):
+        rows = np.random.default_rng([3, epoch]).permutation(640)[64:128]  # the old loop's batch 1
+        batch = next(data.train.batches(64, seed=3, epoch=epoch, start=1))
+        np.testing.assert_array_equal(batch.inputs["x"], old_train.images[rows].reshape(64, 784))
+        np.testing.assert_array_equal(batch.labels, old_train.labels[rows])
+    val = next(data.val.batches(1000))
+    np.testing.assert_array_equal(val.inputs["x"], old_test.images.reshape(300, 784))
+    r = api.train(onnx_file(model, tmp_path / "mlp.onnx"), tmp_path / "out.onnx", data="mnist", subset=640,
+                  test_subset=300, iterations=3, method="none", **FAST)
+    assert r.val_split == "test" and r.final_accuracy is not None and r.loss == "ce"
+
+
+def onnx_file(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
