@@ -132,6 +132,10 @@ def slim(
 
     start = time.perf_counter()
     src, out = Path(input_path), Path(output_path)
+    if not isinstance(data, (str, os.PathLike)):  # the stage cache records its settings as JSON
+        raise OnnxdnsError("slim: data must be a data set name, a folder, FILE.npz, FILE.npy or module:function "
+                           "(a Source object cannot be recorded in the work folder's settings)")
+    data = os.path.abspath(data) if data not in DATASETS and os.path.exists(data) else os.fspath(data)
     if not src.is_file():
         raise OnnxdnsError(f"{src}: no such model file")
     pipelines.check_target(target, "fp32")

@@ -122,7 +122,7 @@ def train(
         if isinstance(value, Source):
             sources[key] = value
             options[key] = f"{SOURCE_PREFIX}{value.name}"
-        elif isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+        elif isinstance(value, (str, os.PathLike)) and value not in DATASETS and os.path.exists(value):
             options[key] = os.path.abspath(value)  # run.json names it wherever the run is resumed from
     config, input_path, output_path, ckpt_dir = _resolve(input_path, output_path, checkpoint_dir, resume, options)
     out = Path(output_path)
