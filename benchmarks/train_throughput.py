@@ -94,7 +94,9 @@ def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int)
     from onnxdns.training import artifacts
     from onnxdns.training.api import artifact_spec
     from onnxdns.training.config import TrainConfig
-    from onnxdns.training.loop import Dataset, Trainer
+    from onnxdns.sources import model_inputs, open_source
+    from onnxdns.training import losses
+    from onnxdns.training.loop import Feeder, Trainer
     from onnxdns.training.methods import get_method
     from onnxdns.training.optim import LRSchedule
     from onnxdns.training.params import select_parameters
@@ -113,16 +115,20 @@ def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int)
                                   threads=threads)
         batches = _batches(steps)
         if variant != "ort-dns-surgery":
-            return _time(lambda i: session.train_step(*batches[i], 0.01), steps, warmup=10, repeats=repeats)
-        data = Dataset(np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+            return _time(lambda i: session.train_step(list(batches[i]), 0.01), steps, warmup=10, repeats=repeats)
+        name = forward.graph.input[0].name
+        np.savez(Path(tmp) / "data.npz", **{name: np.concatenate([x for x, _ in batches]),
+                                            "labels": np.concatenate([y for _, y in batches])})
+        data = open_source(Path(tmp) / "data.npz", model_inputs(forward))
+        loss = losses.choose(forward, loss="ce", loss_outputs=None, has_labels=True, temperature=None)
         total = 10 + steps * repeats
-        trainer = Trainer(session, data, data, batch_size=BATCH, total_steps=total,
+        trainer = Trainer(session, data, data, feeder=Feeder([name], loss), batch_size=BATCH, total_steps=total,
                           schedule=LRSchedule("constant", 0.01, total), layers=params.layers,
                           hooks=method.hooks(params, total), progress=False)
         for hook in trainer.hooks:
             hook.bind(trainer)
-        return _time(lambda i: trainer._train_step(np.arange(i * BATCH, (i + 1) * BATCH)), steps, warmup=10,
-                     repeats=repeats)
+        return _time(lambda i: trainer._train_step(data._read(np.arange(i * BATCH, (i + 1) * BATCH))), steps,
+                     warmup=10, repeats=repeats)
 
 
 def _measure(model: str, variant: str, steps: int, repeats: int, threads: int) -> list[float]:

@@ -38,7 +38,7 @@ import onnx
 from onnxdns import modelio, pipelines
 from onnxdns.errors import OnnxdnsError
 from onnxdns.stats import model_stats
-from onnxdns.training.config import DEFAULT_SLIM_LAMBDA
+from onnxdns.training.config import DATASETS, DEFAULT_SLIM_LAMBDA
 
 MANIFEST = "slim.json"
 #: The stages whose models are kept and reused (``optimize`` always runs: it writes the output).
@@ -118,8 +118,11 @@ def slim(
     ``epochs`` is the sparsity training length, ``finetune_epochs`` the fine-tuning one (default:
     the same); ``lr`` / ``finetune_lr`` default to 0.1 / ``lr``. ``train_options`` are further
     :class:`onnxdns.training.TrainConfig` fields used by both training stages (``batch_size``,
-    ``momentum``, ``weight_decay``, ``schedule``, ``seed``, ``subset``, ``test_subset``, ...; see
-    :data:`TRAIN_DEFAULTS`). ``round_to`` defaults to :data:`ROUND_TO` of the target.
+    ``momentum``, ``weight_decay``, ``schedule``, ``seed``, ``subset``, ``test_subset``, and the data
+    and loss options ``val_data``, ``val_fraction``, ``loss``, ``loss_outputs``, ``temperature``,
+    ``mean``, ``std``; see :data:`TRAIN_DEFAULTS`). ``data`` is any data source spec
+    (``mnist|fashion-mnist|DIR|FILE.npz|FILE.npy|file.py:fn``); distillation in the fine-tuning
+    stage learns from the input model. ``round_to`` defaults to :data:`ROUND_TO` of the target.
     ``evaluate`` measures each stage's test accuracy with onnxruntime. Bad input raises
     :class:`OnnxdnsError`.
     """
@@ -129,6 +132,10 @@ def slim(
 
     start = time.perf_counter()
     src, out = Path(input_path), Path(output_path)
+    if not isinstance(data, (str, os.PathLike)):  # the stage cache records its settings as JSON
+        raise OnnxdnsError("slim: data must be a data set name, a folder, FILE.npz, FILE.npy or module:function "
+                           "(a Source object cannot be recorded in the work folder's settings)")
+    data = os.path.abspath(data) if data not in DATASETS and os.path.exists(data) else os.fspath(data)
     if not src.is_file():
         raise OnnxdnsError(f"{src}: no such model file")
     pipelines.check_target(target, "fp32")
@@ -168,7 +175,9 @@ def slim(
     }
     stages = _Stages(work, settings, fresh=fresh)
     runtime_opts = {"progress": progress, "threads": threads, "data_dir": data_dir}
-    dataset = _test_set(data, data_dir) if evaluate else None
+    # per-stage test accuracy: the built-in data sets' test split (user data: the training stages'
+    # validation figures are in each stage's history)
+    dataset = _test_set(data, data_dir) if evaluate and data in DATASETS else None
     input_model = modelio.load_model(src)
     input_stats = model_stats(input_model)
     records: list[StageRecord] = []
@@ -211,7 +220,9 @@ def slim(
     record = stages.reuse("finetune", finetuned)
     if record is None:
         t0 = time.perf_counter()
-        result = train_stage(pruned, finetuned, work / "finetune.ckpt", settings["finetune"], **runtime_opts)
+        # distillation learns from the input model, not from the pruned one
+        result = train_stage(pruned, finetuned, work / "finetune.ckpt", settings["finetune"], teacher=src,
+                             **runtime_opts)
         if result.interrupted:
             return finish(True)
         record = stages.done("finetune", finetuned, time.perf_counter() - t0, dataset,
@@ -221,7 +232,7 @@ def slim(
     # 4. optimize (always rerun: cheap, and it writes the output)
     t0 = time.perf_counter()
     optimized = api.optimize(finetuned, out, target=target, validate=validate,
-                             data=data if validate else "random", data_dir=data_dir,
+                             data=_validation_data(data, finetuned, shared) if validate else "random", data_dir=data_dir,
                              pass_options={"remove_channels": {"round_to": round_to}})
     details = {"validation": optimized.validation.status, "message": optimized.validation.message,
                "passes": [p.name for p in optimized.passes if p.modified]}
@@ -289,7 +300,7 @@ def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.P
                 **runtime: Any):
     """:func:`onnxdns.training.train` of ``src`` into ``dst`` with checkpoints in ``ckpt``, resumed
     when ``ckpt`` holds a run of the same model with the same ``options`` (``TrainConfig`` fields),
-    started again otherwise. ``runtime``: ``progress``, ``threads``, ``data_dir``."""
+    started again otherwise. ``runtime``: ``progress``, ``threads``, ``data_dir``, ``teacher``."""
     from onnxdns.training.api import RUN_FILE, train
 
     src, ckpt = Path(src), Path(ckpt)
@@ -309,6 +320,15 @@ def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.P
 
 
 # --------------------------------------------------------------------------- measurements
+
+
+def _validation_data(data: str, model: Path, options: Mapping[str, Any]):
+    """``data`` for optimize's comparison: opened here when ``--mean``/``--std`` normalise a folder."""
+    if options.get("mean") is None and options.get("std") is None or not os.path.isdir(data):
+        return data
+    from onnxdns.sources import model_inputs, open_source
+
+    return open_source(data, model_inputs(model), split="test", mean=options.get("mean"), std=options.get("std"))
 
 
 def _test_set(data: str, data_dir):

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from onnxdns import argtypes
-from onnxdns.training.cli import add_slim_penalty_arguments
-from onnxdns.training.config import DATASETS, SCHEDULES
+from onnxdns.training.cli import add_data_arguments, add_slim_penalty_arguments
+from onnxdns.training.config import SCHEDULES
 
 EXIT_OK, EXIT_VALIDATION, EXIT_INTERRUPTED = 0, 3, 130
 
@@ -19,8 +19,7 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=Path, metavar="IN.onnx", help="classifier with BatchNormalization layers")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="slimmed, optimized model")
-    parser.add_argument("--data", choices=DATASETS, default="fashion-mnist", help="training and test data (default: fashion-mnist)")
-    parser.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
+    add_data_arguments(parser, default="fashion-mnist")
     parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="optimize target (default: cpu)")
     add_slim_penalty_arguments(parser)
     sel = parser.add_argument_group("channel selection", "slim-channels options")
@@ -61,11 +60,13 @@ def run_slim(args: argparse.Namespace) -> int:
     """Run ``onnxdns slim``; returns the exit status."""
     from onnxdns.slimming import slim
 
-    train_options = {k: getattr(args, k) for k in ("batch_size", "momentum", "weight_decay", "schedule", "seed", "subset")
+    train_options = {k: getattr(args, k) for k in ("batch_size", "momentum", "weight_decay", "schedule", "seed", "subset",
+                                                   "val_data", "val_fraction", "loss", "loss_outputs", "temperature",
+                                                   "mean", "std")
                      if getattr(args, k) is not None}
     penalty = {k: getattr(args, k) for k in ("slim_lambda", "smooth_l1") if getattr(args, k) is not None}
     result = slim(
-        args.input, args.output, data=args.data, target=args.target, **penalty,
+        args.input, args.output, data=args.data or "fashion-mnist", target=args.target, **penalty,
         prune_ratio=0.5 if args.prune_ratio is None and args.threshold is None else args.prune_ratio,
         threshold=args.threshold, min_keep=args.min_keep, min_keep_ratio=args.min_keep_ratio, round_to=args.round_to,
         epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, finetune_lr=args.finetune_lr,

@@ -68,7 +68,7 @@ def test_dns_output_model(dns_run, models):
     logits = runtime.run(model, {"input": x})[0]
     ort_ckpt, _ = loop.checkpoint_paths(dns_run.checkpoint_dir)
     session = TrainingSession(artifacts.Artifacts.load(dns_run.checkpoint_dir / api.ARTIFACTS_DIR), ort_ckpt)
-    _, eval_logits = session.eval_step(x, y)
+    _, eval_logits = session.eval_step([x, y])
     np.testing.assert_allclose(logits, eval_logits, rtol=0, atol=1e-5)
     assert (logits.argmax(1) == eval_logits.argmax(1)).all()
 

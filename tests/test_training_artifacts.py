@@ -96,7 +96,7 @@ def test_momentum_sgd_matches_torch(tmp_path):
         x = rng.random((32, 1, 28, 28), dtype=np.float32)
         y = rng.integers(0, 10, 32).astype(np.int64)
         lr = schedule(step)
-        session.train_step(x, y, lr)
+        session.train_step([x, y], lr)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
@@ -125,12 +125,12 @@ def test_checkpoint_restores_momentum(masked_lenet5, tmp_path):
     rng = np.random.default_rng(3)
     batches = [(rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8).astype(np.int64)) for _ in range(4)]
     for x, y in batches[:2]:
-        session.train_step(x, y, 0.05)
+        session.train_step([x, y], 0.05)
     session.save(tmp_path / "ckpt")
     for x, y in batches[2:]:
-        session.train_step(x, y, 0.05)
+        session.train_step([x, y], 0.05)
     resumed = TrainingSession(session.artifacts, tmp_path / "ckpt", threads=2)
     for x, y in batches[2:]:
-        resumed.train_step(x, y, 0.05)
+        resumed.train_step([x, y], 0.05)
     for name, value in session.parameters().items():
         np.testing.assert_array_equal(resumed.get(name), value, err_msg=name)

@@ -17,7 +17,8 @@ from onnx import numpy_helper
 
 from onnxdns.errors import OnnxdnsError
 from onnxdns.models import export_model
-from onnxdns.training import api, artifacts, loop
+from onnxdns.sources import model_inputs, open_source
+from onnxdns.training import api, artifacts, loop, losses
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import select_parameters
 from onnxdns.training.session import TrainingSession
@@ -41,10 +42,10 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     """Press Ctrl-C (a real SIGINT to this process) during optimizer step ``step``."""
     original = loop.Trainer._train_step
 
-    def train_step(self, rows):
+    def train_step(self, batch):
         if self.step == step:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, rows)
+        return original(self, batch)
 
     monkeypatch.setattr(loop.Trainer, "_train_step", train_step)
 
@@ -109,12 +110,16 @@ def test_batchnorm_running_statistics_written_back(tmp_path):
                                   outputs=("logits",), train_only_outputs=tuple(params.writeback))
     session = TrainingSession(artifacts.generate(model, tmp_path, spec), threads=1)
     rng = np.random.default_rng(0)
-    data = loop.Dataset(rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8).astype(np.int64))
-    trainer = loop.Trainer(session, data, data, batch_size=8, total_steps=1, schedule=LRSchedule("constant", 0.01, 1),
+    np.savez(tmp_path / "data.npz", input=rng.random((8, 1, 28, 28), dtype=np.float32),
+             labels=rng.integers(0, 10, 8).astype(np.int64))
+    data = open_source(tmp_path / "data.npz", model_inputs(model))
+    spec = losses.choose(model, loss="ce", loss_outputs=None, has_labels=True, temperature=None)
+    trainer = loop.Trainer(session, data, data, feeder=loop.Feeder(["input"], spec), batch_size=8, total_steps=1,
+                           schedule=LRSchedule("constant", 0.01, 1),
                            writeback=params.writeback, progress=False)
     trainer.run()
     mean_name = next(p for o, p in params.writeback.items() if p.endswith("running_mean"))
-    order = trainer.epoch_order(0)
-    net(torch.tensor(data.inputs[order]))  # torch updates its running mean on the same batch
+    order = np.random.default_rng([0, 0]).permutation(8)  # the source's order of epoch 0, seed 0
+    net(torch.tensor(data.arrays['input'][order]))  # torch updates its running mean on the same batch
     np.testing.assert_allclose(session.get(mean_name), net[1].running_mean.numpy(), rtol=1e-5, atol=1e-7)
     assert trainer.history[0].test_loss > 0  # the eval model (BN in inference mode, one output) runs

@@ -80,7 +80,7 @@ def test_gamma_gradient_matches_torch(tmp_path, smooth):
     session = TrainingSession(art, threads=1)
     before = {k: v.copy() for k, v in session.parameters().items()}  # .data aliases the live state
     x, y = _batch()
-    outputs = session.train_step(x, y, 1.0)
+    outputs = session.train_step([x, y], 1.0)
 
     net.train()
     logits = net(torch.from_numpy(x))

@@ -55,9 +55,11 @@ class Source:
             raise TypeError(f"{self.name}: length unknown")
         return n
 
-    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """Batches of ``batch_size`` samples (the last may be smaller). ``seed=None``: the source's
-        own order; else shuffled by a permutation that depends only on ``(seed, epoch)``."""
+        own order; else shuffled by a permutation that depends only on ``(seed, epoch)``.
+        ``start``: begin at batch ``start`` of that order (a resumed run; an indexed source skips
+        without reading the skipped samples, others read and discard them)."""
         raise NotImplementedError
 
     def check(self, samples: int | None = None, batch_size: int = 64) -> int:
@@ -112,11 +114,18 @@ class IndexedSource(Source):
         """The batch of the samples at ``indices`` (positions in the underlying data)."""
         raise NotImplementedError
 
-    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         check_batch_size(batch_size)
         chosen = self.indices[order(len(self.indices), seed, epoch)]
-        for start in range(0, len(chosen), batch_size):
-            yield self._read(chosen[start:start + batch_size])
+        for first in range(start * batch_size, len(chosen), batch_size):
+            yield self._read(chosen[first:first + batch_size])
+
+    def sample(self, count: int, seed: int, name: str) -> IndexedSource:
+        """``count`` distinct samples drawn by ``seed``, in source order (``subset`` of a run)."""
+        if not 0 < count <= len(self.indices):
+            raise OnnxdnsError(f"{self.name}: subset size must be 1..{len(self.indices)}, got {count}")
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self.indices), size=count, replace=False)),
+                           name)
 
     def subset(self, indices: np.ndarray, name: str) -> IndexedSource:
         out = object.__new__(type(self))

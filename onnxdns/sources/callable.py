@@ -91,6 +91,10 @@ class CallableSource(Source):
         return Batch(feeds, None if labels is None else check_labels(np.asarray(labels), n, None, where),
                      {i.name: i.batch_axis for i in self.inputs})
 
-    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         check_batch_size(batch_size)
-        return self._batches()
+        batches = self._batches()
+        for _ in range(start):  # its order is its own: the skipped batches are read and discarded
+            if next(batches, None) is None:
+                break
+        return batches

@@ -13,13 +13,14 @@ generated training graph:
   what ``torch.optim.SGD(weight_decay=...)`` does before its momentum update.
 
 The optimizer model is heavy-ball momentum SGD (:mod:`onnxdns.training.optim`). The loss defaults
-to cross-entropy over the model's single output; any ``onnxblock.Block`` can replace it (e.g. a
-loss with a sparsity penalty). Outputs listed in ``train_only_outputs`` (BatchNormalization running
+to cross-entropy over the model's first output; any ``onnxblock.Block`` can replace it (the run's
+blocks are in :mod:`onnxdns.training.losses`; a block may add graph inputs, e.g. ``labels`` or the
+teacher's outputs, which follow the model's inputs). Outputs listed in ``train_only_outputs`` (BatchNormalization running
 statistics to write back into the checkpoint) are exposed by the training model only and removed
 from the eval model, where BatchNormalization runs in inference mode with one output.
 
-Given a batch size, the training model is built for that fixed batch size (see :func:`generate`);
-the eval model keeps the dynamic batch dimension.
+Given input shapes (the first training batch's), the training model is built for exactly those
+shapes (see :func:`generate`); the eval model keeps the model's dynamic dimensions.
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ class Artifacts:
     directory: Path
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
-    inputs: tuple[str, ...]  # user inputs of the training model: data, then labels
+    inputs: tuple[str, ...]  # user inputs of the training model: the model's, then the loss's (labels, teacher.*)
     outputs: tuple[str, ...]
     train_only_outputs: tuple[str, ...]
     momentum: float
     weight_decay: float
     straight_through: tuple[str, ...]
-    batch_size: int | None  # the training model's fixed batch size (None: dynamic)
+    #: The training model's fixed input shapes (None: the model's own, dynamic dimensions kept).
+    input_shapes: dict[str, list[int]] | None
 
     @property
     def training_model(self) -> Path:
@@ -105,8 +107,11 @@ class Artifacts:
         fields = {f.name for f in dataclasses.fields(cls)} - {"directory"}
         missing = fields - set(data)
         if missing:
-            raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))})")
+            raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))}; made by another "
+                               "onnxdns version?); start the run over")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        if values["input_shapes"] is not None and not isinstance(values["input_shapes"], dict):
+            raise OnnxdnsError(f"{path}: damaged manifest (input_shapes)")
         return cls(directory=Path(directory), **values)
 
     def save_manifest(self) -> None:
@@ -115,27 +120,28 @@ class Artifacts:
 
 
 def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: ArtifactSpec, *,
-             batch_size: int | None = None) -> Artifacts:
+             batch_size: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Artifacts:
     """Generate the four artifacts of ``model`` into ``directory`` (created if needed).
 
-    With ``batch_size``, the training model is built for exactly that batch size (the eval model
-    keeps the model's dynamic batch dimension): onnxruntime 1.19's CPU ``AveragePoolGrad`` takes
-    its output shape from the graph and crashes the process (SIGFPE) when the batch dimension is
-    symbolic.
+    With ``input_shapes`` (input name -> shape, e.g. the first training batch's) the training
+    model is built for exactly those shapes (the eval model keeps the model's dynamic dimensions):
+    onnxruntime 1.19's CPU ``AveragePoolGrad`` takes its output shape from the graph and crashes
+    the process (SIGFPE) when a dimension is symbolic. ``batch_size``: fix only axis 0 of every
+    input to it (models whose other dimensions are fixed).
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    if len(model.graph.output) != 1:
-        raise OnnxdnsError(f"training needs a model with one output (the logits), this one has {len(model.graph.output)}")
+    if batch_size is not None and input_shapes is None:
+        input_shapes = batch_shapes(model, batch_size)
     missing = [n for n in (*spec.trainable, *spec.frozen) if n not in {i.name for i in model.graph.initializer}]
     if missing:
         raise OnnxdnsError(f"training: parameter(s) not in the model: {', '.join(missing[:5])}")
     if not spec.trainable:
         raise OnnxdnsError("training: the model has no trainable parameters (Conv/Gemm/MatMul weights)")
-    if batch_size is None:
+    if input_shapes is None:
         _generate(model, out, spec, with_optimizer=True)
     else:
-        _generate(with_batch_size(model, batch_size), out, spec, with_optimizer=True)
+        _generate(with_input_shapes(model, input_shapes), out, spec, with_optimizer=True)
         with tempfile.TemporaryDirectory(prefix="onnxdns-eval-") as tmp:
             _generate(model, Path(tmp), spec, with_optimizer=False)
             os.replace(Path(tmp) / EVAL_MODEL, out / EVAL_MODEL)
@@ -157,7 +163,8 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: Artifac
         directory=out, trainable=tuple(spec.trainable), frozen=tuple(spec.frozen), inputs=user_inputs,
         outputs=tuple(spec.outputs), train_only_outputs=tuple(spec.train_only_outputs),
         momentum=float(spec.momentum), weight_decay=float(spec.weight_decay),
-        straight_through=tuple(spec.straight_through), batch_size=batch_size,
+        straight_through=tuple(spec.straight_through),
+        input_shapes=None if input_shapes is None else {k: [int(d) for d in v] for k, v in input_shapes.items()},
     )
     result.save_manifest()
     return result
@@ -186,20 +193,65 @@ def _generate(model: onnx.ModelProto, out: Path, spec: ArtifactSpec, *, with_opt
             raise OnnxdnsError(f"cannot build the training graph: {detail}") from None
 
 
-def with_batch_size(model: onnx.ModelProto, batch_size: int) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs and outputs have batch dimension ``batch_size``
-    (intermediate shape annotations are dropped so that inference recomputes them)."""
+def batch_shapes(model: onnx.ModelProto, batch_size: int) -> dict[str, tuple[int, ...]]:
+    """Input name -> shape with axis 0 set to ``batch_size`` (every other dimension must be fixed)."""
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shape = [batch_size] + [d.dim_value if d.HasField("dim_value") else -1 for d in list(dims)[1:]]
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value not in (0, batch_size):
+            raise OnnxdnsError(f"{value.name} has a fixed batch size {dims[0].dim_value}, not {batch_size}")
+        if any(d < 1 for d in shape[1:]):
+            raise OnnxdnsError(f"{value.name} has open dimensions besides the batch: give the input shapes")
+        shapes[value.name] = tuple(shape)
+    return shapes
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have exactly ``shapes`` and whose outputs have each
+    symbolic dimension that an input shares (by name, e.g. ``batch``) set to its value there
+    (intermediate shape annotations are dropped so that inference recomputes them). A fixed
+    dimension that differs is a one-line error."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name for i in out.graph.initializer}
-    for value in [*(v for v in out.graph.input if v.name not in inits), *out.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims:
-            if dims[0].HasField("dim_value") and dims[0].dim_value not in (0, batch_size):
-                raise OnnxdnsError(f"{value.name} has a fixed batch size {dims[0].dim_value}, not {batch_size}")
-            dims[0].dim_value = batch_size
+    symbols: dict[str, int] = {}
+    for value in out.graph.input:
+        if value.name in inits:
+            continue
+        if value.name not in shapes:
+            raise OnnxdnsError(f"training: no shape for model input {value.name}")
+        shape = [int(d) for d in shapes[value.name]]
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if tensor.HasField("shape") and len(dims) != len(shape):
+            raise OnnxdnsError(f"training: input {value.name} has rank {len(dims)}, the data gives {shape}")
+        for d, n in zip(dims, shape):
+            if d.HasField("dim_value") and d.dim_value not in (0, n):
+                raise OnnxdnsError(f"training: input {value.name} has shape {_dims(dims)}, the data gives {shape}")
+            if d.dim_param:
+                symbols.setdefault(d.dim_param, n)
+        tensor.shape.Clear()
+        for n in shape:
+            tensor.shape.dim.add().dim_value = n
+    for value in out.graph.output:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in symbols:
+                d.dim_value = symbols[d.dim_param]
     del out.graph.value_info[:]
     return out
+
+
+def with_batch_size(model: onnx.ModelProto, batch_size: int) -> onnx.ModelProto:
+    """:func:`with_input_shapes` with axis 0 of every input set to ``batch_size``."""
+    return with_input_shapes(model, batch_shapes(model, batch_size))
+
+
+def _dims(dims) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
 
 
 def _is_training_input(name: str) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from onnxdns import argtypes
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_SMOOTH_BETA, METHODS, SCHEDULES, TrainConfig
+from onnxdns.training.losses import DEFAULT_TEMPERATURE, LOSSES
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 _DEFAULTS = TrainConfig()
@@ -23,12 +24,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``parser``. Options left out keep their defaults, or on
     ``--resume`` the values stored in the checkpoint."""
     parser.add_argument("input", type=Path, nargs="?", metavar="IN.onnx",
-                        help="model to train (a classifier with one image input and one [batch, classes] output)")
+                        help="model to train (any inputs and outputs; the batch on axis 0)")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT.onnx",
                         help="trained model (masks kept as Mul(W, mask) for 'onnxdns optimize')")
     parser.add_argument("--method", choices=METHODS, help=f"pruning method{_default('method')}")
-    parser.add_argument("--data", choices=DATASETS, help=f"training and test data{_default('data')}")
-    parser.add_argument("--data-dir", type=Path, help="folder with the dataset's files (default: the loader's)")
+    add_data_arguments(parser, default=_DEFAULTS.data)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=argtypes.positive_real, help="training length in epochs (default: 10)")
     budget.add_argument("--iterations", type=argtypes.positive_int, help="training length in optimizer steps")
@@ -73,6 +73,35 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """The data and loss options shared by ``train`` and ``slim`` (dests are :class:`TrainConfig` fields)."""
+    from onnxdns.cli import _floats  # the parser is built after onnxdns.cli is loaded
+
+    data = parser.add_argument_group("data and loss")
+    data.add_argument("--data", metavar="SPEC",
+                      help=f"training data: {', '.join(DATASETS)}, a folder of images (class subfolders give labels), "
+                           f"FILE.npz (one array per model input, optional 'labels'), FILE.npy or file.py:function "
+                           f"(default: {default})")
+    val = data.add_mutually_exclusive_group()
+    val.add_argument("--val-data", metavar="SPEC", help="validation data, same kinds as --data (default: the test "
+                                                         "split of mnist/fashion-mnist, else --val-fraction 0.1)")
+    val.add_argument("--val-fraction", type=argtypes.real(0.0, 1.0, low_open=True, high_open=True), metavar="F",
+                     help="hold out this fraction of the training data for validation (default for your data: 0.1)")
+    data.add_argument("--loss", choices=LOSSES,
+                      help="ce: cross-entropy with the labels; distill: learn the input model's outputs "
+                           "(default: ce when the data has labels, else distill)")
+    data.add_argument("--loss-output", dest="loss_outputs", action="append", metavar="NAME",
+                      help="model output the loss applies to; repeat for several (default: every float output for "
+                           "distill, the classifier output for ce)")
+    data.add_argument("--temperature", type=argtypes.positive_real, metavar="T",
+                      help=f"distillation temperature of classifier outputs (default: {DEFAULT_TEMPERATURE:g})")
+    data.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                      help="images of a folder: per-channel mean subtracted after scaling to [0, 1] (default 0)")
+    data.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                      help="images of a folder: per-channel standard deviation divided by (default 1)")
+    data.add_argument("--data-dir", type=Path, help="folder with mnist/fashion-mnist files (default: the loader's)")
+
+
 def add_slim_penalty_arguments(parser: argparse.ArgumentParser) -> None:
     """``--slim-lambda``, ``--smooth-l1`` and ``--smooth-l1-beta`` (dest ``slim_lambda``, ``smooth_l1``)."""
     slim = parser.add_argument_group("slim", "Network Slimming sparsity training (Liu et al. 2017)")
@@ -102,12 +131,37 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def format_result(result) -> str:
-    """Per-epoch table, final per-layer density and what the method did (of a ``TrainResult``)."""
-    lines = [f"{'epoch':>5} {'step':>7} {'lr':>9} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
-             f"{'test acc':>8} {'density':>8}"]
+    """Per-epoch table, final per-layer density and what the method did (of a ``TrainResult``):
+    validation accuracy with labels, else fidelity to the input model (agreement, cosine and
+    relative L2 error of each loss output)."""
+    split = result.val_split if result.history else "validation"
+    short = "test" if split == "test" else "val"
+    labelled = any(r.val_accuracy is not None for r in result.history)
+    fidelity = sorted({k for r in result.history for k in r.metrics if k != "accuracy"})
+    head = [f"{'epoch':>5}", f"{'step':>7}", f"{'lr':>9}", f"{'train loss':>10}"]
+    if any(r.train_accuracy is not None for r in result.history):
+        head.append(f"{'train acc':>9}")
+    head.append(f"{short + ' loss':>10}")
+    if labelled:
+        head.append(f"{short + ' acc':>9}")
+    head += [f"{k:>{max(10, len(k))}}" for k in fidelity]
+    head.append(f"{'density':>8}")
+    lines = [" ".join(head)]
     for r in result.history:
-        lines.append(f"{r.epoch:>5} {r.step:>7} {r.lr:>9.3g} {r.train_loss:>10.4f} {r.train_accuracy:>9.2%} "
-                     f"{r.test_loss:>9.4f} {r.test_accuracy:>8.2%} {r.total_density:>8.2%}")
+        row = [f"{r.epoch:>5}", f"{r.step:>7}", f"{r.lr:>9.3g}", f"{r.train_loss:>10.4f}"]
+        if any(x.train_accuracy is not None for x in result.history):
+            row.append(f"{r.train_accuracy:>9.2%}" if r.train_accuracy is not None else f"{'-':>9}")
+        row.append(f"{r.val_loss:>10.4f}")
+        if labelled:
+            row.append(f"{r.val_accuracy:>9.2%}" if r.val_accuracy is not None else f"{'-':>9}")
+        for k in fidelity:
+            v = r.metrics.get(k)
+            w = max(10, len(k))
+            row.append(f"{'-':>{w}}" if v is None else (f"{v:>{w}.2%}" if k.startswith("agreement/") else f"{v:>{w}.4f}"))
+        row.append(f"{r.total_density:>8.2%}")
+        lines.append(" ".join(row))
+    lines.append(f"loss: {result.loss} on {', '.join(result.loss_outputs)}; {short}: "
+                 + ("the test split" if split == "test" else "held-out validation data"))
     if result.density:
         lines.append("density: " + ", ".join(f"{name} {d:.2%}" for name, d in result.density.items()))
     summary = result.method_summary

@@ -28,7 +28,23 @@ class TrainConfig:
     arguments of :func:`onnxdns.training.train` instead and may change on resume.
     """
 
+    #: Training data: ``mnist``, ``fashion-mnist``, a folder of images, ``FILE.npz``/``.npy`` or
+    #: ``module:function`` (see :func:`onnxdns.sources.open_source`).
     data: str = "mnist"
+    #: Validation data (same kinds); None: ``val_fraction`` of the training data, or for the built-in
+    #: data sets their test split.
+    val_data: str | None = None
+    #: Hold out this fraction of the training data for validation (default 0.1 for user data).
+    val_fraction: float | None = None
+    #: ``ce`` (labels) or ``distill`` (from the input model); None: ce with labels, distill without.
+    loss: str | None = None
+    #: Outputs the loss applies to (None: all float outputs for distill, the classifier for ce).
+    loss_outputs: list[str] | None = None
+    #: Distillation temperature of classifier outputs (None: losses.DEFAULT_TEMPERATURE).
+    temperature: float | None = None
+    #: Per-channel normalisation of a folder of images (None: mean 0, std 1).
+    mean: list[float] | None = None
+    std: list[float] | None = None
     method: str = "dns"
     epochs: float | None = None  # default 10 when iterations is not given either
     iterations: int | None = None

@@ -5,8 +5,10 @@ run before and after each optimizer step and whose state is saved in every check
 itself knows nothing about pruning beyond displaying mask densities.
 
 Everything that decides the trajectory is a function of the global step or saved with it, so a run
-resumed from a checkpoint continues bit for bit: the data order of epoch ``e`` is a permutation drawn
-from ``numpy.random.default_rng([seed, e])``, the learning rate is ``schedule(step)``, the
+resumed from a checkpoint continues bit for bit: the data order of epoch ``e`` is the source's
+order for ``(seed, e)`` (for indexed sources a permutation drawn from
+``numpy.random.default_rng([seed, e])``; a resumed epoch starts at its batch without reading the
+ones before it), the learning rate is ``schedule(step)``, the
 parameters, masks and momentum are in the onnxruntime checkpoint, and hooks save their own state
 (random generators included).
 
@@ -33,6 +35,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from onnxdns.errors import OnnxdnsError
+from onnxdns.sources.base import Batch, Source
+from onnxdns.training.losses import LossSpec
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import MaskedLayer, layer_density
 from onnxdns.training.session import TrainingSession
@@ -94,29 +98,74 @@ class Hook:
 
 @dataclasses.dataclass
 class EpochRecord:
-    """Metrics at the end of one epoch (or of the last, partial one)."""
+    """Metrics at the end of one epoch (or of the last, partial one). ``val_*`` and ``metrics`` are
+    measured on the validation source (the built-in data sets' test split when no validation data
+    is given: ``val_split`` says which). ``train_accuracy``/``val_accuracy`` are None without labels
+    or without a classifier output; ``metrics`` holds ``accuracy`` (labels) and, when the teacher
+    (the input model) runs, per loss output ``agreement/<out>`` (top-1, classifiers),
+    ``rel_l2/<out>`` (||s - t|| / ||t|| over the set) and ``cosine/<out>`` (mean per sample)."""
 
     epoch: int
     step: int
     lr: float
     train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
+    train_accuracy: float | None
+    val_loss: float
+    val_accuracy: float | None
+    metrics: dict[str, float]
+    val_split: str
     density: dict[str, float]
     total_density: float
     seconds: float
 
+    @property
+    def test_accuracy(self) -> float | None:
+        """``val_accuracy`` (the old name: it was always measured on the test split)."""
+        return self.val_accuracy
 
-@dataclasses.dataclass
-class Dataset:
-    """Arrays the loop iterates: inputs already shaped for the model, int64 labels."""
+    @property
+    def test_loss(self) -> float:
+        return self.val_loss
 
-    inputs: np.ndarray
-    labels: np.ndarray
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+class Feeder:
+    """Turns a source's :class:`~onnxdns.sources.Batch` into the training model's feeds: the
+    model's inputs, then the loss's (``labels``, or the teacher's outputs computed by running the
+    input model with onnxruntime on the same batch)."""
+
+    def __init__(self, input_names: Sequence[str], loss: LossSpec, *, teacher: Any = None,
+                 num_classes: int | None = None, data_name: str = "data") -> None:
+        self.input_names = list(input_names)
+        self.loss = loss
+        self.teacher = teacher  # an onnxruntime.InferenceSession of the input model, or None
+        self.num_classes = num_classes
+        self.data_name = data_name
+
+    def teacher_outputs(self, batch: Batch) -> dict[str, np.ndarray] | None:
+        if self.teacher is None:
+            return None
+        values = self.teacher.run(list(self.loss.outputs), {n: batch.inputs[n] for n in self.input_names})
+        return dict(zip(self.loss.outputs, values))
+
+    def labels(self, batch: Batch) -> np.ndarray:
+        y = batch.labels
+        if y is None:
+            raise OnnxdnsError(f"{self.data_name}: a batch without labels; --loss ce needs labels on every batch")
+        if y.size and self.num_classes is not None and (y.min() < 0 or y.max() >= self.num_classes):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise OnnxdnsError(f"{self.data_name}: label {bad} out of range 0..{self.num_classes - 1} (the model's "
+                               f"output {self.loss.outputs[0]} has {self.num_classes} classes)")
+        return y
+
+    def __call__(self, batch: Batch) -> tuple[list[np.ndarray], dict[str, np.ndarray] | None]:
+        """(feeds, teacher outputs or None)."""
+        feeds = [np.ascontiguousarray(batch.inputs[n]) for n in self.input_names]
+        teacher = self.teacher_outputs(batch)
+        if self.loss.kind == "ce":
+            feeds.append(self.labels(batch))
+        else:
+            feeds.extend(teacher[o] for o in self.loss.outputs)
+        return feeds, teacher
 
 
 @dataclasses.dataclass
@@ -128,17 +177,19 @@ class LoopOutcome:
 
 
 class Trainer:
-    """Runs ``total_steps`` optimizer steps of ``session`` over ``train`` (see the module doc)."""
+    """Runs ``total_steps`` optimizer steps of ``session`` over batches of ``train`` (see the module doc)."""
 
     def __init__(
         self,
         session: TrainingSession,
-        train: Dataset,
-        test: Dataset,
+        train: Source,
+        val: Source | None,
         *,
+        feeder: Feeder,
         batch_size: int,
         total_steps: int,
         schedule: LRSchedule,
+        steps_per_epoch: int | None = None,
         layers: Sequence[MaskedLayer] = (),
         hooks: Sequence[Hook] = (),
         writeback: dict[str, str] | None = None,
@@ -146,13 +197,18 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None,
         eval_batch_size: int = 1000,
         progress: bool = True,
+        val_split: str = "validation",
     ) -> None:
-        if batch_size < 1 or len(train) < batch_size:
-            raise OnnxdnsError(f"batch size {batch_size} needs at least that many training samples (have {len(train)})")
+        if steps_per_epoch is None:
+            n = train.length()
+            if batch_size < 1 or n is None or n < batch_size:
+                raise OnnxdnsError(f"batch size {batch_size} needs at least that many training samples (have {n})")
+            steps_per_epoch = n // batch_size  # the last partial batch is dropped
         self.session = session
-        self.train_data, self.test_data = train, test
+        self.train_data, self.val_data = train, val
+        self.feeder = feeder
         self.batch_size = batch_size
-        self.steps_per_epoch = len(train) // batch_size  # the last partial batch is dropped
+        self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
         self.schedule = schedule
         self.masks = Masks(session, layers)
@@ -162,15 +218,23 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.eval_batch_size = eval_batch_size
         self.progress = progress
+        self.val_split = val_split
         self.step = 0
         self.history: list[EpochRecord] = []
         self._epoch_stats = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
-        n_out = len(session.artifacts.outputs)
-        self._logits_index = 1 if n_out else None
+        outputs = list(session.artifacts.outputs)
+        loss = feeder.loss
+        #: Position in the fetched outputs of the classifier output accuracy is measured on (labels only).
+        classifier = next((o for o, c in zip(loss.outputs, loss.classifier) if c), None)
+        self._logits_index = 1 + outputs.index(classifier) if classifier in outputs and train.has_labels else None
+        self._output_index = {o: 1 + outputs.index(o) for o in loss.outputs if o in outputs}
+        n_out = len(outputs)
         self._writeback_index = {name: 1 + n_out + i for i, name in enumerate(session.artifacts.train_only_outputs)}
         missing = set(self.writeback) - set(self._writeback_index)
         if missing:
             raise OnnxdnsError(f"write-back output(s) not produced by the training model: {', '.join(sorted(missing))}")
+        shapes = session.artifacts.input_shapes
+        self._shapes = None if shapes is None else {k: tuple(v) for k, v in shapes.items()}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -230,16 +294,16 @@ class Trainer:
         saved: Path | None = None
         saved_step = -1
         bar = _progress_bar(self.total_steps, self.step, self.progress)
-        order: np.ndarray | None = None
-        order_epoch = -1
+        batches: Iterator[Batch] | None = None
+        batches_epoch = -1
         tick = time.perf_counter()
         try:
             with _deferred_interrupt() as interrupt:
                 while self.step < self.total_steps:
                     epoch, index = divmod(self.step, self.steps_per_epoch)
-                    if epoch != order_epoch:
-                        order, order_epoch = self.epoch_order(epoch), epoch
-                    self._train_step(order[index * self.batch_size:(index + 1) * self.batch_size])
+                    if epoch != batches_epoch:
+                        batches, batches_epoch = self.epoch_batches(epoch, index), epoch
+                    self._train_step(next(batches))
                     bar.update(1)
                     if self.step % 20 == 0:
                         bar.set_postfix_str(self._postfix(), refresh=False)
@@ -261,18 +325,38 @@ class Trainer:
             bar.close()
         return LoopOutcome(step=self.step, history=self.history, interrupted=interrupted, checkpoint=saved)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample order of ``epoch``: a pure function of (seed, epoch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_data))
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The full training batches of ``epoch`` from batch ``start`` on: a pure function of
+        (seed, epoch); a smaller (last) batch is dropped."""
+        k = start
+        for batch in self.train_data.batches(self.batch_size, seed=self.seed, epoch=epoch, start=start):
+            if len(batch) != self.batch_size:
+                continue
+            yield batch
+            k += 1
+        if k < self.steps_per_epoch:
+            raise OnnxdnsError(f"{self.train_data.name}: epoch {epoch + 1} gave {k} full batches of {self.batch_size}, "
+                               f"the first gave {self.steps_per_epoch} (a data function must give the same batches "
+                               "every time it is called)")
 
-    def _train_step(self, rows: np.ndarray) -> list[np.ndarray]:
-        """Hooks, one optimizer step on ``rows`` of the training set, write-back, statistics."""
+    def _check_shapes(self, batch: Batch) -> None:
+        if self._shapes is None:
+            return
+        for name, shape in self._shapes.items():
+            got = tuple(batch.inputs[name].shape)
+            if got != shape:
+                raise OnnxdnsError(f"{self.train_data.name}: a training batch gives input {name} shape {list(got)}; "
+                                   f"the training model was built for the first batch's {list(shape)} (every "
+                                   "training batch must have the same shape)")
+
+    def _train_step(self, batch: Batch) -> list[np.ndarray]:
+        """Hooks, one optimizer step on ``batch``, write-back, statistics."""
         step = self.step
         for hook in self.hooks:
             hook.before_step(step)
-        x = self.train_data.inputs[rows]
-        y = self.train_data.labels[rows]
-        outputs = self.session.train_step(x, y, self.schedule(step))
+        self._check_shapes(batch)
+        feeds, _ = self.feeder(batch)
+        outputs = self.session.train_step(feeds, self.schedule(step))
         for name, param in self.writeback.items():
             self.session.set(param, outputs[self._writeback_index[name]])
         loss = float(outputs[0])
@@ -282,36 +366,43 @@ class Trainer:
                                "or check the input model's weights)")
         self.step = step + 1
         stats = self._epoch_stats
-        stats["loss"] += loss * len(rows)
-        stats["count"] += len(rows)
+        n = len(batch)
+        stats["loss"] += loss * n
+        stats["count"] += n
         if self._logits_index is not None:
-            stats["correct"] += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == y))
+            stats["correct"] += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == batch.labels))
         for hook in self.hooks:
             hook.after_step(step, outputs)
         return outputs
 
-    def evaluate(self) -> tuple[float, float]:
-        """(mean loss, accuracy) of the eval model on the test set."""
-        data = self.test_data
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(data), self.eval_batch_size):
-            x = data.inputs[start:start + self.eval_batch_size]
-            y = data.labels[start:start + self.eval_batch_size]
-            outputs = self.session.eval_step(x, y)
-            loss_sum += float(outputs[0]) * len(y)
-            if self._logits_index is not None:
-                correct += int(np.count_nonzero(outputs[self._logits_index].argmax(axis=-1) == y))
-        n = max(1, len(data))
-        return loss_sum / n, correct / n
+    def evaluate(self) -> tuple[float, float | None, dict[str, float]]:
+        """(mean loss, accuracy or None, metrics) of the eval model on the validation source."""
+        metrics = Metrics(self.feeder.loss)
+        loss_sum, count = 0.0, 0
+        if self.val_data is None:
+            return float("nan"), None, {}
+        for batch in self.val_data.batches(self.eval_batch_size):
+            feeds, teacher = self.feeder(batch)
+            outputs = self.session.eval_step(feeds)
+            n = len(batch)
+            loss_sum += float(outputs[0]) * n
+            count += n
+            if self._logits_index is not None and batch.labels is not None:
+                metrics.add_accuracy(outputs[self._logits_index], batch.labels)
+            if teacher is not None:
+                metrics.add_fidelity({o: outputs[i] for o, i in self._output_index.items()}, teacher)
+        values = metrics.values()
+        return loss_sum / max(1, count), values.get("accuracy"), values
 
     def _end_epoch(self, epoch: int) -> None:
         stats = self._epoch_stats
-        test_loss, test_acc = self.evaluate()
+        val_loss, val_acc, metrics = self.evaluate()
         count = max(1, stats["count"])
         self.history.append(EpochRecord(
             epoch=epoch + 1, step=self.step, lr=self.schedule(self.step - 1),
-            train_loss=stats["loss"] / count, train_accuracy=stats["correct"] / count,
-            test_loss=test_loss, test_accuracy=test_acc,
+            train_loss=stats["loss"] / count,
+            train_accuracy=stats["correct"] / count if self._logits_index is not None else None,
+            val_loss=val_loss, val_accuracy=val_acc, metrics=metrics, val_split=self.val_split,
             density=self.masks.density(), total_density=self.masks.total_density(),
             seconds=stats["seconds"],
         ))
@@ -326,15 +417,73 @@ class Trainer:
             loss, train_acc = self.history[-1].train_loss, self.history[-1].train_accuracy
         if stats["count"] or self.history:
             parts.append(f"loss {loss:.3f}")
-            if self._logits_index is not None:
+            if self._logits_index is not None and train_acc is not None:
                 parts.append(f"train {train_acc:.1%}")
         if self.history:
-            parts.append(f"test {self.history[-1].test_accuracy:.2%}")
+            parts.append(headline(self.history[-1]))
         parts.append(f"lr {self.schedule(max(0, self.step - 1)):.3g}")
         if self.masks.layers:
             dens = " ".join(f"{_short(name)}:{d:.3f}".replace("0.", ".", 1) for name, d in self.masks.density().items())
             parts.append(f"dens {dens}")
         return " | ".join(parts)
+
+
+def headline(record: EpochRecord) -> str:
+    """The epoch's main validation figure: accuracy with labels, else agreement or cosine with the teacher."""
+    short = "test" if record.val_split == "test" else "val"
+    if record.val_accuracy is not None:
+        return f"{short} {record.val_accuracy:.2%}"
+    for key in ("agreement", "cosine"):
+        found = [v for k, v in record.metrics.items() if k.startswith(key + "/")]
+        if found:
+            return f"{short} {key} {min(found):.4f}" if key == "cosine" else f"{short} {key} {min(found):.2%}"
+    return f"{short} loss {record.val_loss:.4f}"
+
+
+class Metrics:
+    """Accumulates validation metrics over batches (see :class:`EpochRecord`)."""
+
+    def __init__(self, loss: LossSpec) -> None:
+        self.loss = loss
+        self.correct = self.labelled = 0
+        self.agree = {o: 0 for o, c in zip(loss.outputs, loss.classifier) if c}
+        self.diff_sq = {o: 0.0 for o in loss.outputs}
+        self.ref_sq = {o: 0.0 for o in loss.outputs}
+        self.cos_sum = {o: 0.0 for o in loss.outputs}
+        self.samples = 0
+
+    def add_accuracy(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        self.correct += int(np.count_nonzero(logits.argmax(axis=-1) == labels))
+        self.labelled += len(labels)
+
+    def add_fidelity(self, student: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> None:
+        n = 0
+        for o in self.loss.outputs:
+            s = np.asarray(student[o], np.float64)
+            t = np.asarray(teacher[o], np.float64)
+            n = len(s) if s.ndim else 1
+            if o in self.agree:
+                self.agree[o] += int(np.count_nonzero(s.argmax(axis=-1) == t.argmax(axis=-1)))
+            self.diff_sq[o] += float(np.sum((s - t) ** 2))
+            self.ref_sq[o] += float(np.sum(t ** 2))
+            s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
+            norms = np.linalg.norm(s2, axis=1) * np.linalg.norm(t2, axis=1)
+            cos = np.where(norms > 0, np.sum(s2 * t2, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+            self.cos_sum[o] += float(np.sum(cos))
+        self.samples += n
+
+    def values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.labelled:
+            out["accuracy"] = self.correct / self.labelled
+        if self.samples:
+            for o in self.loss.outputs:
+                if o in self.agree:
+                    out[f"agreement/{o}"] = self.agree[o] / self.samples
+                out[f"rel_l2/{o}"] = math.sqrt(self.diff_sq[o] / self.ref_sq[o]) if self.ref_sq[o] > 0 else \
+                    (0.0 if self.diff_sq[o] == 0 else float("inf"))
+                out[f"cosine/{o}"] = self.cos_sum[o] / self.samples
+        return out
 
 
 def checkpoint_paths(directory: str | os.PathLike) -> tuple[Path, Path]:

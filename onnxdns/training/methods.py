@@ -3,8 +3,7 @@
 A method answers three questions; the shared machinery (artifacts, loop, checkpoints) does the rest:
 
 * :meth:`Method.prepare`: the forward model to train (e.g. with masks added);
-* :meth:`Method.artifact_options`: straight-through masks and the loss block (default
-  cross-entropy);
+* :meth:`Method.artifact_options`: straight-through masks and a penalty added to the run's loss;
 * :meth:`Method.hooks`: what runs around each optimizer step.
 
 A method also says how BatchNormalization trains by default (:attr:`Method.batchnorm`: ``"train"``,
@@ -16,7 +15,7 @@ one more subclass in :data:`METHOD_CLASSES`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import onnx
 
@@ -35,7 +34,8 @@ class ArtifactOptions:
     """A method's contribution to :class:`onnxdns.training.artifacts.ArtifactSpec`."""
 
     straight_through: dict[str, str] = dataclasses.field(default_factory=dict)
-    loss: Callable[[], Any] | None = None
+    #: A term added to the run's loss (an object with ``build(emit) -> name``, e.g. :class:`L1Penalty`).
+    penalty: Any = None
 
 
 class Method:
@@ -115,7 +115,7 @@ class Slim(Method):
     batchnorm = "train"
 
     def artifact_options(self, params: ParameterSet) -> ArtifactOptions:
-        return ArtifactOptions(loss=sparsity_loss(params.scales, self.config.slim_lambda, self.config.smooth_l1))
+        return ArtifactOptions(penalty=sparsity_loss(params.scales, self.config.slim_lambda, self.config.smooth_l1))
 
     def hooks(self, params: ParameterSet, total_steps: int) -> list[Hook]:
         return [ScaleMonitor(params.scales, self.config.slim_lambda, self.config.smooth_l1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +24,6 @@ class TrainingSession:
     def __init__(self, artifacts: Artifacts, checkpoint: str | os.PathLike | None = None, *, threads: int = 0) -> None:
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-        if len(artifacts.inputs) != 2:
-            raise OnnxdnsError(f"{artifacts.directory}: the training model takes inputs {list(artifacts.inputs)}; "
-                               "expected (data, labels)")
         self.artifacts = artifacts
         path = Path(checkpoint) if checkpoint is not None else artifacts.checkpoint
         options = ort.SessionOptions()
@@ -43,23 +41,38 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, inputs: np.ndarray, labels: np.ndarray, lr: float) -> list[np.ndarray]:
-        """Forward, backward and one momentum-SGD update at learning rate ``lr``.
+    def train_step(self, feeds: Sequence[np.ndarray], lr: float) -> list[np.ndarray]:
+        """Forward, backward and one momentum-SGD update at learning rate ``lr``. ``feeds``: one
+        array per training-model input, in the order of ``artifacts.inputs`` (the model's inputs,
+        then the loss's: labels or the teacher's outputs).
 
         Returns ``[loss, *outputs, *train_only_outputs]`` of the forward pass (before the update).
         """
-        self.module.train()
-        fetched = self.module(inputs, labels)
-        self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        self._check(feeds)
+        try:
+            self.module.train()
+            fetched = self.module(*feeds)
+            self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
+            self.optimizer.step()
+            self.module.lazy_reset_grad()
+        except Exception as e:  # onnxruntime's own exception types: a misfit the checks before did not catch
+            raise OnnxdnsError(f"onnxruntime failed in a training step: {_first_line(e)}") from None
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
 
-    def eval_step(self, inputs: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
-        """``[loss, *outputs]`` of the eval model (no update)."""
-        self.module.eval()
-        fetched = self.module(inputs, labels)
+    def eval_step(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``[loss, *outputs]`` of the eval model (no update); ``feeds`` as for :meth:`train_step`."""
+        self._check(feeds)
+        try:
+            self.module.eval()
+            fetched = self.module(*feeds)
+        except Exception as e:
+            raise OnnxdnsError(f"onnxruntime failed in an evaluation step: {_first_line(e)}") from None
         return list(fetched) if isinstance(fetched, tuple) else [fetched]
+
+    def _check(self, feeds: Sequence[np.ndarray]) -> None:
+        if len(feeds) != len(self.artifacts.inputs):
+            raise OnnxdnsError(f"the training model takes {len(self.artifacts.inputs)} inputs "
+                               f"({', '.join(self.artifacts.inputs)}), got {len(feeds)} arrays")
 
     # ------------------------------------------------------------------ parameters
 
@@ -83,3 +96,8 @@ class TrainingSession:
         from onnxruntime.training.api import CheckpointState
 
         CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -1,9 +1,10 @@
 """Network Slimming sparsity training (Liu et al., ICCV 2017): an L1 penalty on BatchNorm scales.
 
-The training loss becomes ``cross-entropy + lambda * sum |gamma|`` over the scale of every
+The training loss becomes ``loss + lambda * sum |gamma|`` (``loss``: cross-entropy or distillation,
+:mod:`onnxdns.training.losses`) over the scale of every
 BatchNormalization node whose scale is a trainable initializer. The penalty is part of the
 onnxruntime-training graph (an ``onnxblock`` loss block: the scales concatenated, ``Abs -> ReduceSum``,
-scaled, added to the cross-entropy), so onnxruntime's autodiff adds ``lambda * sign(gamma)`` to
+scaled, added to the base loss), so onnxruntime's autodiff adds ``lambda * sign(gamma)`` to
 each gamma gradient: the sub-gradient the reference implementation adds by hand (``sign(0) = 0``).
 With ``smooth_l1 = beta`` the penalty is the smooth ``sqrt(gamma^2 + beta^2) - beta`` (gradient
 ``gamma / sqrt(gamma^2 + beta^2)``, no sign flip-flop around zero). The loss reported by the
@@ -16,7 +17,8 @@ channels whose |gamma| fell below a global threshold.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,68 +37,40 @@ def penalty(gammas: Sequence[np.ndarray], lam: float, smooth_l1: float | None = 
     return lam * total
 
 
-def sparsity_loss(scales: Sequence[str], lam: float, smooth_l1: float | None = None) -> Callable[[], Any]:
-    """A factory for the loss block (``ArtifactSpec.loss``): cross-entropy on the model output
-    plus ``lam`` times the (smooth) L1 norm of the initializers ``scales``."""
+def sparsity_loss(scales: Sequence[str], lam: float, smooth_l1: float | None = None) -> "L1Penalty":
+    """The penalty term ``lam`` times the (smooth) L1 norm of the initializers ``scales``, added
+    to whatever base loss the run uses (see :func:`onnxdns.training.losses.block_factory`)."""
     if lam < 0:
         raise OnnxdnsError(f"slim lambda must be >= 0, got {lam}")
     if smooth_l1 is not None and not smooth_l1 > 0:
         raise OnnxdnsError(f"smooth L1 beta must be positive, got {smooth_l1}")
     if not scales:
         raise OnnxdnsError("Network Slimming needs BatchNormalization nodes with trainable scales; the model has none")
-    names, lam_value = tuple(scales), float(lam)
-
-    def make():
-        return _block_class()(names, lam_value, smooth_l1)
-
-    return make
+    return L1Penalty(tuple(scales), float(lam), smooth_l1)
 
 
-def _block_class():
-    from onnx import helper, numpy_helper
-    from onnxruntime.training import onnxblock  # imports torch: keep it lazy
-    from onnxruntime.training.onnxblock import _graph_utils
+@dataclasses.dataclass(frozen=True)
+class L1Penalty:
+    """``lam * sum_i P(scale_i)``; ``P`` = |x| or ``sqrt(x^2 + beta^2) - beta``."""
 
-    class ScaleSparsityLoss(onnxblock.Block):
-        """``CrossEntropy(logits, labels) + lam * sum_i P(scale_i)``; ``P`` = |x| or the smooth form."""
+    scales: tuple[str, ...]
+    lam: float
+    smooth_l1: float | None = None
 
-        def __init__(self, scales: tuple[str, ...], lam: float, smooth_l1: float | None) -> None:
-            super().__init__()
-            self.scales, self.lam, self.smooth_l1 = scales, lam, smooth_l1
-            self.cross_entropy = onnxblock.loss.CrossEntropyLoss()
-
-        def build(self, scores_input_name: str, labels_name: str = "labels") -> str:
-            ce = self.cross_entropy(scores_input_name, labels_name)
-            graph = self.base.graph
-
-            def name(base: str) -> str:
-                return _graph_utils.generate_graph_name(f"slim.{base}")
-
-            def const(base: str, value: float) -> str:
-                tensor_name = name(base)
-                graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), tensor_name))
-                return tensor_name
-
-            def node(op: str, inputs: list[str], **attrs) -> str:
-                out = name(f"{op.lower()}_output")
-                graph.node.append(helper.make_node(op, inputs, [out], name=name(op), **attrs))
-                return out
-
-            const_shape = name("flat_shape")
-            graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), const_shape))
-            beta = beta_sq = None
-            if self.smooth_l1 is not None:
-                beta, beta_sq = const("beta", self.smooth_l1), const("beta_sq", self.smooth_l1 ** 2)
-            flat = [node("Reshape", [scale, const_shape]) for scale in self.scales]
-            gammas = flat[0] if len(flat) == 1 else node("Concat", flat, axis=0)
-            if beta is None:
-                term = node("Abs", [gammas])
-            else:
-                term = node("Sub", [node("Sqrt", [node("Add", [node("Mul", [gammas, gammas]), beta_sq])]), beta])
-            total = node("ReduceSum", [term], keepdims=0)
-            return node("Add", [ce, node("Mul", [total, const("lambda", self.lam)])])
-
-    return ScaleSparsityLoss
+    def build(self, emit) -> str:
+        """Append the term to the graph through ``emit`` (a :class:`onnxdns.training.losses.Emit`);
+        returns the name of its scalar."""
+        flat_shape = emit.const("flat_shape", [-1], np.int64)
+        flat = [emit.node("Reshape", [scale, flat_shape]) for scale in self.scales]
+        gammas = flat[0] if len(flat) == 1 else emit.node("Concat", flat, axis=0)
+        if self.smooth_l1 is None:
+            term = emit.node("Abs", [gammas])
+        else:
+            beta, beta_sq = emit.const("beta", self.smooth_l1), emit.const("beta_sq", self.smooth_l1 ** 2)
+            term = emit.node("Sub", [emit.node("Sqrt", [emit.node("Add", [emit.node("Mul", [gammas, gammas]), beta_sq])]),
+                                     beta])
+        total = emit.node("ReduceSum", [term], keepdims=0)
+        return emit.node("Mul", [total, emit.const("lambda", self.lam)])
 
 
 class ScaleMonitor(Hook):

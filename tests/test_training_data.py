@@ -1,0 +1,426 @@
+"""Training on the user's own model and data: image folders (labelled or not), arrays, data
+functions; several inputs and outputs, dynamic dimensions; cross-entropy or distillation from the
+input model; exact resume from a folder; every bad input as one line, nothing written."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from PIL import Image
+
+from clikit import assert_user_error, run
+from onnxdns import runtime
+from onnxdns.training import api, artifacts, loop, losses
+from onnxdns.training.config import TrainConfig
+from onnxdns.training.methods import get_method
+from onnxdns.training.params import select_parameters
+from onnxdns.training.session import TrainingSession
+
+pytestmark = pytest.mark.train  # every test needs onnxruntime-training (onnxdns[train])
+
+FAST = dict(threads=1, progress=False, momentum=0.0, weight_decay=0.0)
+
+
+def _export(net: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict | None = None) -> Path:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), args, buf, dynamo=False, opset_version=17, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic or {n: {0: "batch"} for n in inputs + outputs})
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+class ConvNet(torch.nn.Module):
+    """conv -> ReLU -> global average pool -> linear: any image size; optional feature-map output."""
+
+    def __init__(self, classes: int = 3, with_map: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, classes)
+        self.with_map = with_map
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        logits = self.fc(f.mean(dim=(2, 3)))
+        return (logits, f) if self.with_map else logits
+
+
+@pytest.fixture(scope="module")
+def conv(tmp_path_factory) -> Path:
+    return _export(ConvNet(), (torch.zeros(2, 3, 12, 12),), tmp_path_factory.mktemp("m") / "conv.onnx",
+                   ["image"], ["logits"])
+
+
+def _png(path: Path, value: float, size=(12, 12), seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(value * 255 + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def _flat_folder(folder: Path, n: int = 40, size=(12, 12)) -> Path:
+    for i in range(n):
+        _png(folder / f"img{i:03d}.png", (i % 7) / 7, size, seed=i)
+    return folder
+
+
+def _class_folder(folder: Path, per_class: int = 24) -> Path:
+    for k, name in enumerate(("dark", "mid", "bright")):
+        for i in range(per_class):
+            _png(folder / name / f"{i:03d}.png", 0.15 + 0.35 * k, seed=100 * k + i)
+    return folder
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not out.with_name(f"{out.stem}.ckpt").exists()
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_distill_loss_is_kl_with_temperature_plus_mse(tmp_path):
+    """The eval model's loss on a batch == KL(softmax(t/T) || softmax(s/T)) * T^2 of the logits +
+    MSE of the feature map, student and teacher being different networks."""
+    student = _export(ConvNet(with_map=True, seed=1), (torch.zeros(2, 3, 8, 8),), tmp_path / "s.onnx",
+                      ["image"], ["logits", "map"])
+    teacher = _export(ConvNet(with_map=True, seed=2), (torch.zeros(2, 3, 8, 8),), tmp_path / "t.onnx",
+                      ["image"], ["logits", "map"])
+    model = onnx.load(str(student))
+    spec = losses.choose(model, loss=None, loss_outputs=None, has_labels=False, temperature=3.0)
+    assert spec.kind == "distill" and spec.outputs == ("logits", "map") and spec.classifier == (True, False)
+    config = TrainConfig(method="none")
+    params = select_parameters(model)
+    art = artifacts.generate(model, tmp_path / "art", api.artifact_spec(config, params, model,
+                                                                        get_method(config).artifact_options(params), spec),
+                             input_shapes={"image": (4, 3, 8, 8)})
+    assert art.inputs == ("image", "teacher.logits", "teacher.map")
+    session = TrainingSession(art, threads=1)
+    x = np.random.default_rng(0).random((5, 3, 8, 8), dtype=np.float32)  # eval: another batch size
+    t_logits, t_map = runtime.run(onnx.load(str(teacher)), {"image": x})
+    out = session.eval_step([x, t_logits, t_map])
+    s_logits, s_map = out[1], out[2]
+    expected = losses.kl_numpy(s_logits, t_logits, 3.0) + float(np.mean((s_map.astype(np.float64) - t_map) ** 2))
+    assert float(out[0]) == pytest.approx(expected, rel=1e-4)
+    assert float(out[0]) > 1e-3
+
+
+def test_two_input_int64_model_distills_from_npz(tmp_path):
+    """Inputs float features + int64 token ids, no labels: distillation; the loss falls."""
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb = torch.nn.Embedding(10, 8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x, ids):
+            return self.fc(x + self.emb(ids).mean(dim=1))
+
+    args = (torch.zeros(2, 8), torch.zeros(2, 5, dtype=torch.int64))
+    student = _export(TwoInputs(1), args, tmp_path / "student.onnx", ["x", "ids"], ["logits"])
+    teacher = _export(TwoInputs(2), args, tmp_path / "teacher.onnx", ["x", "ids"], ["logits"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(256, 8)).astype(np.float32),
+             ids=rng.integers(0, 10, (256, 5)).astype(np.int64))
+    r = api.train(student, tmp_path / "out.onnx", teacher=teacher, data=str(tmp_path / "data.npz"), method="none",
+                  epochs=4, batch_size=16, lr=0.5, **FAST)
+    assert r.loss == "distill" and r.loss_outputs == ("logits",) and r.final_accuracy is None
+    assert r.val_split == "validation" and r.history[0].val_split == "validation"
+    losses_ = [h.train_loss for h in r.history]
+    assert losses_[-1] < 0.5 * losses_[0]
+    assert r.history[-1].val_loss < r.history[0].val_loss
+    assert set(r.final_metrics) == {"agreement/logits", "rel_l2/logits", "cosine/logits"}
+    assert r.history[-1].metrics["rel_l2/logits"] < r.history[0].metrics["rel_l2/logits"]
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_flat_folder_distills_by_default(conv, tmp_path, capsys):
+    """A flat folder has no labels: distillation from the input model, fidelity reported."""
+    folder = _flat_folder(tmp_path / "imgs")
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run(capsys, "train", conv, "-o", out, "--data", folder, "--method", "magnitude",
+                            "--iterations", "12", "--batch-size", "6", "--lr", "0.05", "--sparsity", "0.5",
+                            "--threads", "1", "--no-progress")
+    assert code == 0, err
+    assert out.exists()
+    assert "loss: distill on logits; val: held-out validation data" in stdout
+    assert "agreement/logits" in stdout and "cosine/logits" in stdout and "val acc" not in stdout
+
+
+def test_class_folders_train_with_labels(conv, tmp_path):
+    folder = _class_folder(tmp_path / "classes")
+    r = api.train(conv, tmp_path / "out.onnx", data=str(folder), method="none", epochs=8, batch_size=8, lr=0.2,
+                  val_fraction=0.25, **{**FAST, "momentum": 0.9})
+    assert r.loss == "ce" and r.history[-1].train_accuracy is not None
+    assert r.final_accuracy == r.final_metrics["accuracy"] and r.final_accuracy >= 0.8  # 18 held-out images
+    assert not any(k.startswith("agreement") for k in r.final_metrics)  # ce: the teacher does not run
+
+
+def test_dynamic_height_width_model_from_folder(tmp_path):
+    """A conv model with open H and W: the training model is fixed to the first batch's shape,
+    the eval and output models keep the open dimensions."""
+    model = _export(ConvNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "dyn.onnx", ["image"], ["logits"],
+                    dynamic={"image": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    folder = _flat_folder(tmp_path / "imgs", n=30, size=(20, 14))  # width 20, height 14
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="dns", iterations=6, batch_size=4, lr=0.01,
+                  **FAST)
+    training = onnx.load(str(r.checkpoint_dir / api.ARTIFACTS_DIR / artifacts.TRAINING_MODEL))
+    dims = [d.dim_value for d in training.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 3, 14, 20]
+    out = onnx.load(str(r.output))
+    assert [d.dim_param for d in out.graph.input[0].type.tensor_type.shape.dim][2:] == ["h", "w"]
+    assert runtime.run(out, {"image": np.zeros((1, 3, 30, 9), np.float32)})[0].shape == (1, 3)
+
+
+def test_two_outputs_distill_one_picked(tmp_path, capsys):
+    model = _export(ConvNet(with_map=True), (torch.zeros(2, 3, 12, 12),), tmp_path / "two.onnx", ["image"],
+                    ["logits", "map"])
+    folder = _flat_folder(tmp_path / "imgs", n=20)
+    code, stdout, err = run(capsys, "train", model, "-o", tmp_path / "out.onnx", "--data", folder, "--method", "dns",
+                            "--iterations", "4", "--batch-size", "4", "--loss-output", "map", "--threads", "1",
+                            "--no-progress")
+    assert code == 0, err
+    assert "loss: distill on map" in stdout and "cosine/map" in stdout and "logits" not in stdout.split("loss:")[0]
+    r = api.train(model, tmp_path / "out2.onnx", data=str(folder), method="none", iterations=2, batch_size=4,
+                  **FAST)
+    assert r.loss_outputs == ("logits", "map")  # default: every float output
+    assert {"agreement/logits", "rel_l2/map", "cosine/map"} <= set(r.final_metrics)
+
+
+def test_callable_source(conv, tmp_path):
+    """file.py:function: its batches as they come (6 of 5 images; the smaller last one dropped)."""
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for k in range(7):\n"
+        "        n = 5 if k < 6 else 2\n"
+        "        yield {'image': rng.random((n, 3, 12, 12), dtype=np.float32), 'labels': np.arange(n) % 3}\n")
+    spec = f"{tmp_path / 'loader.py'}:batches"
+    with pytest.raises(api.OnnxdnsError, match="cannot hold out a validation fraction"):
+        api.train(conv, tmp_path / "bad.onnx", data=spec, method="none", iterations=2, **FAST)
+    r = api.train(conv, tmp_path / "out.onnx", data=spec, val_data=spec, method="none", epochs=2, lr=0.1, **FAST)
+    assert r.steps == 12 and [h.step for h in r.history] == [6, 12] and r.loss == "ce"
+    assert r.final_accuracy is not None
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_from_folder_is_exact(conv, tmp_path, monkeypatch):
+    """Interrupted in the middle of an epoch (step 5 of 9) and resumed == straight through."""
+    folder = _flat_folder(tmp_path / "imgs", n=40)
+    run_opts = dict(data=str(folder), method="dns", iterations=14, batch_size=4, lr=0.05, dns_c="0.3", seed=2,
+                    threads=1, progress=False)
+    straight = api.train(conv, tmp_path / "straight.onnx", **run_opts)
+    assert [h.step for h in straight.history] == [9, 14]
+
+    original = loop.Trainer._train_step
+
+    def step(self, batch):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", step)
+    part = api.train(conv, tmp_path / "resumed.onnx", **run_opts)
+    assert part.interrupted and part.steps == 5
+    monkeypatch.undo()
+
+    from onnxdns.sources.images import ImageFolderSource
+    reads = []
+    read = ImageFolderSource._read
+    monkeypatch.setattr(ImageFolderSource, "_read", lambda self, idx: reads.append(self.name) or read(self, idx))
+    resumed = api.train(resume=part.checkpoint_dir, threads=1, progress=False)
+    monkeypatch.undo()
+    # the resumed epoch starts at its 6th batch without decoding batches 0-4 again: the first batch
+    # (it fixes the shapes) + 4 left of epoch 0 + 5 of epoch 1
+    assert sum(name.endswith("(train part)") for name in reads) == 1 + 4 + 5
+    a, b = _weights(straight.output), _weights(resumed.output)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert [(h.step, h.train_loss, h.metrics) for h in straight.history] == \
+           [(h.step, h.train_loss, h.metrics) for h in resumed.history]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _base(model, out):
+    return ["train", model, "-o", out, "--iterations", "2", "--batch-size", "4", "--threads", "1", "--no-progress"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(conv, tmp_path, capsys):
+    flat = _flat_folder(tmp_path / "flat", n=12)
+    out = tmp_path / "out.onnx"
+
+    def fails(fragment, *extra):
+        code, _, err = run(capsys, *_base(conv, out), *extra)
+        assert_user_error(code, err, fragment)
+        _nothing_written(tmp_path, out)
+
+    fails("--loss ce needs labels", "--data", flat, "--loss", "ce")
+    fails("--loss-output nope: the model has no such output", "--data", flat, "--loss-output", "nope")
+    (tmp_path / "empty").mkdir()
+    fails("no images", "--data", tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "a.png").write_bytes(b"not a png")
+    fails("not a readable image", "--data", tmp_path / "corrupt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "labels.npz", image=rng.random((12, 3, 12, 12), dtype=np.float32),
+             labels=np.full(12, 7, np.int64))
+    fails("label 7 out of range 0..2", "--data", tmp_path / "labels.npz")
+    np.savez(tmp_path / "names.npz", pixels=rng.random((12, 3, 12, 12), dtype=np.float32))
+    fails("named image", "--data", tmp_path / "names.npz")
+    np.savez(tmp_path / "shape.npz", image=rng.random((12, 3, 10, 12), dtype=np.float32))
+    fails("has shape [12, 3, 10, 12]", "--data", tmp_path / "shape.npz")
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    fails("cannot import", "--data", f"{tmp_path / 'broken.py'}:batches", "--val-data", flat)
+    (tmp_path / "raises.py").write_text("def batches():\n    raise ValueError('no data today')\n")
+    fails("no data today", "--data", f"{tmp_path / 'raises.py'}:batches", "--val-data", flat)
+    fails("no such file or folder", "--data", tmp_path / "missing")
+
+    dyn = _export(ConvNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "dyn.onnx", ["image"], ["logits"],
+                  dynamic={"image": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    mixed = _flat_folder(tmp_path / "mixed", n=6)
+    _png(mixed / "other.png", 0.5, size=(20, 14))
+    code, _, err = run(capsys, *_base(dyn, out), "--data", mixed)
+    assert_user_error(code, err, "images of different sizes")
+    _nothing_written(tmp_path, out)
+
+
+def test_model_without_float_output_is_an_error(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("ArgMax", ["y"], ["cls"], axis=1)],
+        "argmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch", 1])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = tmp_path / "argmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(model))
+    np.save(tmp_path / "x.npy", np.ones((12, 4), np.float32))
+    out = tmp_path / "out.onnx"
+    code, _, err = run(capsys, *_base(model, out), "--data", tmp_path / "x.npy")
+    assert_user_error(code, err, "distillation needs a float model output")
+    _nothing_written(tmp_path, out)
+
+
+def test_slim_from_unlabelled_folder(tmp_path, capsys):
+    """``onnxdns slim`` on a BatchNorm model with a flat folder: both training stages distill
+    from the input model, the output is written and validated."""
+    from onnxdns.testing import export_module
+    from onnxdns import modelio
+
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(8, 3)
+            with torch.no_grad():
+                for bn in (self.features[1], self.features[4]):
+                    bn.weight.uniform_(0.0, 1.0)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    src = tmp_path / "bn.onnx"
+    modelio.save_model(export_module(BN(), (3, 12, 12)), src)
+    folder = _flat_folder(tmp_path / "imgs", n=40)
+    out = tmp_path / "slim.onnx"
+    code, stdout, err = run(capsys, "slim", src, "-o", out, "--data", folder, "--epochs", "1", "--batch-size", "8",
+                            "--slim-lambda", "0.01", "--prune-ratio", "0.25", "--round-to", "1", "--threads", "1", "--no-progress")
+    assert code == 0, err
+    assert out.exists()
+    import json
+    for stage in ("sparse", "finetune"):
+        run_file = json.loads((tmp_path / "slim.slim" / f"{stage}.ckpt" / api.RUN_FILE).read_text())
+        assert run_file["config"]["data"] == str(folder) and run_file["config"]["loss"] is None
+
+
+def test_source_object_and_batch_shape_change(tmp_path):
+    """``data=`` a Source object (recorded by name; needed again on resume); a data function whose
+    batches change shape stops with one line naming the input, nothing at the output path."""
+    from onnxdns.errors import OnnxdnsError
+    from onnxdns.sources import model_inputs, open_source
+
+    model = _export(ConvNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "dyn.onnx", ["image"], ["logits"],
+                    dynamic={"image": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", image=rng.random((20, 3, 12, 12), dtype=np.float32))
+    source = open_source(tmp_path / "d.npz", model_inputs(model))
+    r = api.train(model, tmp_path / "a.onnx", data=source, method="none", iterations=3, batch_size=4, **FAST)
+    assert r.output.exists() and r.loss == "distill"
+    run_file = (r.checkpoint_dir / api.RUN_FILE).read_text()
+    assert f'"{api.SOURCE_PREFIX}d.npz"' in run_file
+
+    (tmp_path / "sizes.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    for k in range(4):\n"
+        "        yield {'image': np.zeros((2, 3, 12 + 2 * (k == 2), 12), np.float32)}\n")
+    out = tmp_path / "b.onnx"
+    with pytest.raises(OnnxdnsError, match=r"input image shape \[2, 3, 14, 12\]; the training model was built for "
+                                           r"the first batch's \[2, 3, 12, 12\]"):
+        api.train(model, out, data=f"{tmp_path / 'sizes.py'}:batches", val_data=str(tmp_path / "d.npz"),
+                  method="none", iterations=4, **FAST)
+    assert not out.exists()
+
+
+def test_builtin_data_keep_their_order_and_reshape(tmp_path):
+    """mnist through the source interface: the subset, the epoch order and the test subset are the
+    ones the array loop used (seeded subset, then ``default_rng([seed, epoch])`` permutations), and
+    a model taking [N, 784] gets the images reshaped."""
+    from onnx import TensorProto, helper
+
+    from onnxdns.data import load_dataset, subset
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 784])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              [numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    config = TrainConfig(data="mnist", subset=640, test_subset=300, seed=3, batch_size=64)
+    data = api.open_data(config, model)
+    assert data.val_split == "test" and data.steps_per_epoch == 10
+    old_train = subset(load_dataset("mnist", "train"), 640, 3)
+    old_test = subset(load_dataset("mnist", "test"), 300, 3)
+    for epoch in (0, 1):
+        rows = np.random.default_rng([3, epoch]).permutation(640)[64:128]  # the old loop's batch 1
+        batch = next(data.train.batches(64, seed=3, epoch=epoch, start=1))
+        np.testing.assert_array_equal(batch.inputs["x"], old_train.images[rows].reshape(64, 784))
+        np.testing.assert_array_equal(batch.labels, old_train.labels[rows])
+    val = next(data.val.batches(1000))
+    np.testing.assert_array_equal(val.inputs["x"], old_test.images.reshape(300, 784))
+    r = api.train(onnx_file(model, tmp_path / "mlp.onnx"), tmp_path / "out.onnx", data="mnist", subset=640,
+                  test_subset=300, iterations=3, method="none", **FAST)
+    assert r.val_split == "test" and r.final_accuracy is not None and r.loss == "ce"
+
+
+def onnx_file(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
