@@ -1,7 +1,9 @@
 """Target pipelines: the ordered pass lists behind ``onnxdns optimize --target cpu|cuda``.
 
-``cpu``: fold-masks, eliminate-identity, fold-constants, fold-batchnorm, remove-channels,
-fold-batchnorm, remove-dead-nodes, topo-sort, infer-shapes, sparse-storage.
+``cpu``: fold-masks, eliminate-identity, fold-constants, fold-channel-scales, fold-batchnorm,
+remove-channels, fold-batchnorm, remove-dead-nodes, topo-sort, infer-shapes, sparse-storage
+(fold-channel-scales folds the per-channel scales Network Slimming without BatchNorm leaves
+after a Conv; a model without them is unchanged by it).
 
 ``cuda``: the same, and with ``precision="fp16"`` a ``convert-fp16`` pass before
 ``sparse-storage``.
@@ -29,6 +31,7 @@ CPU_PASSES = (
     "fold-masks",
     "eliminate-identity",
     "fold-constants",
+    "fold-channel-scales",
     "fold-batchnorm",
     "remove-channels",
     "fold-batchnorm",
@@ -105,6 +108,6 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
         kwargs.update(options.get(name.replace("-", "_"), {}))
         try:
             passes.append(registry.get_pass(name, **kwargs))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise OnnxdnsError(f"pass '{name}': bad options {kwargs}: {e}") from None
     return passes
