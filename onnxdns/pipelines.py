@@ -96,7 +96,7 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
     by_key = {n.replace("-", "_"): n for n in names}
     extra = sorted(set(options) - set(by_key))
     if extra:
-        raise OnnxdnsError(f"options for passes not in this pipeline: {', '.join(extra)}")
+        raise OnnxdnsError(f"options for passes not in this pipeline: {', '.join(e.replace('_', '-') for e in extra)}")
     passes = []
     for name in names:
         kwargs: dict[str, Any] = {}
