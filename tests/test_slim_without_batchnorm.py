@@ -100,3 +100,57 @@ def test_slim_cli_prunes_a_model_without_batchnorm(tmp_path, capsys):
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     logits = runtime.run(after, {after.graph.input[0].name: x})[0]
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
+
+
+class ScaledNet(nn.Module):
+    """conv1-ReLU, pool, conv2-ReLU, global pool, linear; ``scaled`` multiplies each conv output by a
+    per-channel parameter (what insert-channel-scales adds to the exported graph)."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 10)
+        self.s1 = nn.Parameter(torch.ones(1, 4, 1, 1)) if scaled else None
+        self.s2 = nn.Parameter(torch.ones(1, 6, 1, 1)) if scaled else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv1(x)
+        a = nn.functional.max_pool2d(torch.relu(a * self.s1 if self.s1 is not None else a), 2)
+        b = self.conv2(a)
+        b = torch.relu(b * self.s2 if self.s2 is not None else b)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(b, 1), 1))
+
+
+def test_scale_gradient_matches_torch(tmp_path):
+    """One plain SGD step (lr 1) of the slim training graph of a BN-free export moves every
+    parameter, the inserted scales included, by the gradient torch computes for
+    CE + lambda * sum |scale| on the same net with explicit scales (all 1: sign 1)."""
+    from onnxdns.training import api, artifacts
+    from onnxdns.training.session import TrainingSession
+
+    torch.manual_seed(0)
+    plain = ScaledNet(scaled=False)
+    lam = 0.05
+    config = TrainConfig(method="slim", slim_lambda=lam, momentum=0.0, weight_decay=0.0)
+    method = get_method(config)
+    model = method.prepare(export_folded(plain, (1, 28, 28)))
+    params = select_parameters(model)
+    assert len(params.scales) == 2
+    art = artifacts.generate(model, tmp_path, api.artifact_spec(config, params, model, method.artifact_options(params)),
+                             batch_size=8)
+    session = TrainingSession(art, threads=1)
+    before = {k: v.copy() for k, v in session.parameters().items()}
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8).astype(np.int64)
+    outputs = session.train_step(x, y, 1.0)
+
+    net = ScaledNet(scaled=True)
+    net.load_state_dict(plain.state_dict(), strict=False)
+    logits = net(torch.from_numpy(x))
+    loss = nn.functional.cross_entropy(logits, torch.from_numpy(y)) + lam * (net.s1.abs().sum() + net.s2.abs().sum())
+    loss.backward()
+    np.testing.assert_allclose(float(outputs[0]), loss.item(), rtol=1e-5)
+    grads = {name: p.grad.numpy() for name, p in net.named_parameters()}
+    grads[params.scales[0]], grads[params.scales[1]] = grads.pop("s1"), grads.pop("s2")
+    assert set(grads) == set(params.trainable)
+    for name in params.trainable:
+        np.testing.assert_allclose(before[name] - session.get(name), grads[name], rtol=1e-3, atol=2e-6, err_msg=name)
