@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--passes", metavar="A,B,...", help="comma-separated pass names instead of the target pipeline")
+    p.add_argument("--pass-option", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                   help="a constructor option of a pass in the pipeline, e.g. slim-channels.ratio=0.3 (repeatable; "
+                        "`onnxdns passes` lists every pass's options)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison with the input")
     p.add_argument("--data", type=_data_choice, default="random", metavar="DATA",
                    help=f"validation inputs: {', '.join(DATA_CHOICES)}, {DATA_HELP} (default: random)")
@@ -181,7 +184,7 @@ def _optimize(args: argparse.Namespace) -> int:
     result = api.optimize(args.input, args.output, target=args.target, precision=args.precision, passes=passes,
                           validate=not args.no_validate, data=_open_data(args.data, args.input, args),
                           data_dir=args.data_dir,
-                          download=args.download, samples=args.samples, pass_options=_pass_options(args),
+                          download=args.download, samples=args.samples, pass_options=_all_pass_options(args),
                           external_data=args.external_data)
     print(report.optimize_summary(result))
     _print_sparse_lowrank(result)
@@ -214,7 +217,12 @@ def _validate(args: argparse.Namespace) -> int:
 def _passes(args: argparse.Namespace) -> int:
     from onnxdns import registry, report
 
+    from onnxdns.passoptions import options_help
+
     print(report.passes_table(registry.pass_classes().values()))
+    from onnxdns.pipelines import option_classes
+
+    print(f"\noptions (optimize --pass-option PASS.OPTION=VALUE):\n{options_help(option_classes().values())}")
     return EXIT_OK
 
 
@@ -256,6 +264,16 @@ def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speed-check", dest="speed_check", action="store_false", default=None,
                    help="do not time the split model against its input (by default splits that do not make "
                         "it faster on onnxruntime CPU are undone)")
+
+
+def _all_pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
+    """--pass-option items, with the sparse-lowrank flags below on top (None when none is given)."""
+    from onnxdns.passoptions import parse_pass_options
+
+    options = parse_pass_options(args.pass_option)
+    for name, opts in (_pass_options(args) or {}).items():
+        options.setdefault(name, {}).update(opts)
+    return options or None
 
 
 def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:

@@ -1,7 +1,9 @@
 """Target pipelines: the ordered pass lists behind ``onnxdns optimize --target cpu|cuda``.
 
-``cpu``: fold-masks, eliminate-identity, fold-constants, fold-batchnorm, remove-channels,
-fold-batchnorm, remove-dead-nodes, topo-sort, infer-shapes, sparse-storage.
+``cpu``: fold-masks, eliminate-identity, fold-constants, fold-channel-scales, fold-batchnorm,
+remove-channels, fold-batchnorm, remove-dead-nodes, topo-sort, infer-shapes, sparse-storage
+(fold-channel-scales folds the per-channel scales Network Slimming without BatchNorm leaves
+after a Conv; a model without them is unchanged by it).
 
 ``cuda``: the same, and with ``precision="fp16"`` a ``convert-fp16`` pass before
 ``sparse-storage``.
@@ -29,6 +31,7 @@ CPU_PASSES = (
     "fold-masks",
     "eliminate-identity",
     "fold-constants",
+    "fold-channel-scales",
     "fold-batchnorm",
     "remove-channels",
     "fold-batchnorm",
@@ -52,6 +55,14 @@ def _sparse_lowrank():
 #: Passes whose plan is fitted on data first: the pipeline runs the workflow step (calibration,
 #: fitting, the pass, fine-tuning) in the pass's place; its options are the step's.
 FITTED = {"sparse-lowrank": _sparse_lowrank}
+
+
+def option_classes() -> dict[str, type]:
+    """Per pass name, the class whose constructor takes the pass's options in a pipeline (the
+    workflow step for a fitted pass; ``--pass-option`` and ``onnxdns passes`` read them)."""
+    classes: dict[str, type] = dict(registry.pass_classes())
+    classes.update({name: factory() for name, factory in FITTED.items()})
+    return classes
 
 
 def pipeline_names(target: str, precision: str = "fp32") -> list[str]:
@@ -104,7 +115,7 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
     by_key = {n.replace("-", "_"): n for n in names}
     extra = sorted(set(options) - set(by_key))
     if extra:
-        raise OnnxdnsError(f"options for passes not in this pipeline: {', '.join(extra)}")
+        raise OnnxdnsError(f"options for passes not in this pipeline: {', '.join(e.replace('_', '-') for e in extra)}")
     passes = []
     for name in names:
         kwargs: dict[str, Any] = {}
@@ -119,6 +130,6 @@ def _build(names: Sequence[str], target: str, options: Mapping[str, Mapping[str,
                 passes.append(FITTED[name]()(**kwargs))
             else:
                 passes.append(registry.get_pass(name, **kwargs))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise OnnxdnsError(f"pass '{name}': bad options {kwargs}: {e}") from None
     return passes

@@ -1,15 +1,19 @@
 """Network Slimming end to end (Liu et al., ICCV 2017): sparsity training, pruning, fine-tuning, optimize.
 
-:func:`slim` runs four stages on an ONNX classifier with BatchNormalization, each writing one
+:func:`slim` runs four stages on an ONNX classifier with BatchNormalization or convolutions (whose
+BatchNorm an eval-mode export folded), each writing one
 model into a work folder (default ``<output stem>.slim`` beside the output):
 
 1. ``sparse``: train with ``loss + slim_lambda * sum |gamma|`` over every BatchNorm scale
-   (:mod:`onnxdns.training.slim`; BatchNorm in training mode) -> ``sparse.onnx``;
+   (:mod:`onnxdns.training.slim`; BatchNorm in training mode), and over the per-channel scales
+   ``insert-channel-scales`` puts after each Conv without BatchNorm (the usual eval-mode export
+   folds BatchNorm into the convs) -> ``sparse.onnx``;
 2. ``prune``: ``slim-channels`` removes the channel groups whose |gamma| is below a global
    threshold (the ``prune_ratio`` quantile of all prunable BN channels, or ``threshold``), keeping
    coupled channels (residual adds, concat, depthwise, grouped convs) whole, at least
    ``max(min_keep, ceil(min_keep_ratio x channels))`` per layer, counts rounded up to a multiple
-   of ``round_to`` -> ``pruned.onnx``;
+   of ``round_to``; then ``fold-channel-scales`` folds the inserted scales into the convs ->
+   ``pruned.onnx`` (no scale left to fine-tune or to ship);
 3. ``finetune``: plain training of the slimmed model in the same loop (BatchNorm in training
    mode) -> ``finetuned.onnx``;
 4. ``optimize``: the target pipeline (``onnxdns optimize``: BatchNorm folded, cleaned up),
@@ -127,6 +131,7 @@ def slim(
     :class:`OnnxdnsError`.
     """
     from onnxdns import api
+    from onnxdns.passes.fold_channel_scales import FoldChannelScalesPass
     from onnxdns.passes.slim_channels import SlimChannelsPass
     from onnxdns.training import TrainConfig
 
@@ -211,7 +216,8 @@ def slim(
         applied = pass_.apply(modelio.load_model(sparse))
         if not applied.details.get("total_pruned_channels"):
             raise OnnxdnsError(f"slim-channels pruned no channel of {src} ({applied.details.get('reason', 'threshold too low')})")
-        modelio.save_model(applied.model, pruned)
+        # the inserted channel scales (convs without BatchNorm) go into their convs' weights
+        modelio.save_model(FoldChannelScalesPass()(applied.model), pruned)
         record = stages.done("prune", pruned, time.perf_counter() - t0, dataset, applied.details)
     records.append(record)
 

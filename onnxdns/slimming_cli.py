@@ -97,7 +97,7 @@ def format_slim_result(result) -> str:
     if prune is not None:
         d = prune.details
         lines.append(f"threshold |gamma| < {d.get('threshold', float('nan')):.4g}: {d.get('total_pruned_channels', 0)} of "
-                     f"{d.get('prunable_bn_channels', '?')} prunable channels removed")
+                     f"{d.get('prunable_channels', d.get('prunable_bn_channels', '?'))} prunable channels removed")
     last = result.stages[-1] if result.stages else None
     if last is not None and last.name == "optimize":
         lines.append(f"params {report.ratio(result.input_params, last.params)} fewer, "

@@ -31,3 +31,27 @@ def assert_exact(a: onnx.ModelProto, b: onnx.ModelProto, *, batch: int = 4, rel:
     diff, scale = output_difference(a, b, feeds)
     assert diff <= rel * max(1.0, scale), f"max abs diff {diff:.3g} > {rel:g} x max(1, {scale:.3g})"
     return diff
+
+
+def export_folded(module, input_shape: tuple[int, ...], *, opset: int = 17) -> onnx.ModelProto:
+    """Export an eval-mode torch module the usual way (``torch.onnx.export`` in eval mode with
+    constant folding: every BatchNorm after a conv folded into it), one input ``input`` and one
+    output ``logits`` with a dynamic batch; the module's mode is restored."""
+    import io
+    import warnings
+
+    import torch
+
+    was_training = module.training
+    module.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)),),
+                              buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        module.train(was_training)
+    return onnx.load_from_string(buffer.getvalue())

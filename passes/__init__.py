@@ -18,12 +18,16 @@ from .add_masks import AddMasksPass
 from .fold_masks import FoldMasksPass
 from .remove_channels import RemoveChannelsPass
 from .slim_channels import SlimChannelsPass
+from .insert_channel_scales import InsertChannelScalesPass
+from .fold_channel_scales import FoldChannelScalesPass
 from .sparse_lowrank import SparseLowRankPass
 
 PASSES: tuple[type, ...] = (
     FoldMasksPass,
     RemoveChannelsPass,
     SlimChannelsPass,
+    InsertChannelScalesPass,
+    FoldChannelScalesPass,
     SparseLowRankPass,
     AddMasksPass,
     FoldBatchNormPass,

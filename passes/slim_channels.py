@@ -1,4 +1,4 @@
-"""``slim-channels``: Network Slimming channel pruning by BatchNorm scale (lossy)."""
+"""``slim-channels``: Network Slimming channel pruning by BatchNorm scale or inserted channel scale (lossy)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxdns import graphutil
+from onnxdns.channels.handlers.base import const_input
 from onnxdns.channels.remove import apply_removal, build_channel_graph, compute_constants, summarise
 from onnxdns.framework import GraphPass, PassReport
+from onnxdns.passes.insert_channel_scales import channel_scales
 
 #: Model metadata key recording the threshold a slimmed model was pruned at.
 METADATA_KEY = "onnxdns.slim-channels.threshold"
@@ -16,8 +18,14 @@ METADATA_KEY = "onnxdns.slim-channels.threshold"
 class SlimChannelsPass(GraphPass):
     """Removes the channels whose BatchNorm scales |gamma| are small (Liu et al., ICCV 2017).
 
+    Where BatchNorm was folded into a Conv, the scales are the ``Mul(conv_out, <conv>.slim_scale)``
+    that ``insert-channel-scales`` adds (trained by ``onnxdns train --method slim``); both kinds
+    count alike below (|scale| for |gamma|), in one model too, with one global threshold.
+
     Guarantee: lossy. Pruned channels are first made exactly constant by setting their BN
-    scale to 0 (their output becomes the BN shift beta, passed through the following ops); that
+    scale to 0 (their output becomes the BN shift beta, passed through the following ops) or
+    their inserted scale to 0 (their output becomes 0: 0 after Relu or HardSwish, 0.5 after
+    Sigmoid, ...); that
     constant is then folded into each consumer's bias, which is exact for Gemm/MatMul and for
     convolutions without zero padding, and exact away from the zero-padded border otherwise
     (the paper simply drops it). A pruned channel that is not constant where a consumer reads
@@ -26,9 +34,10 @@ class SlimChannelsPass(GraphPass):
     network is meant to be fine-tuned afterwards.
 
     Selection: a global threshold on |gamma|, given (``threshold``) or taken as the ``ratio``
-    quantile over every prunable BN channel. Channels tied together (residual adds, concat
-    members, depthwise convs, grouped convs) form groups scored by the mean |gamma| of their BN
-    channels and are pruned whole or not at all; groups without a BatchNorm, or pinned by the
+    quantile over every prunable BN or scale channel. Channels tied together (residual adds,
+    concat members, depthwise convs, grouped convs, SE-style channel Muls) form groups scored by
+    the mean |gamma| of their BN and scale channels and are pruned whole or not at all; groups
+    without a BatchNorm or scale, or pinned by the
     graph (outputs, unknown ops), are never pruned. Every tensor keeps at least
     ``max(min_keep, ceil(min_keep_ratio x channels))`` channels and kept counts are rounded up
     to a multiple of ``round_to``, keeping the highest-scoring groups. All dependent slices go
@@ -40,7 +49,7 @@ class SlimChannelsPass(GraphPass):
 
     name = "slim-channels"
     exact = False
-    summary = "Network Slimming: prune channels with small BatchNorm |gamma| (groups kept whole), fold their shift (lossy)"
+    summary = "Network Slimming: prune channels with small BatchNorm |gamma| or inserted |scale| (groups kept whole; lossy)"
 
     def __init__(self, ratio: float | None = 0.5, threshold: float | None = None, *, min_keep: int = 1,
                  min_keep_ratio: float = 0.05, round_to: int = 1):
@@ -57,21 +66,24 @@ class SlimChannelsPass(GraphPass):
 
     def call(self, model: ir.Model) -> PassReport:
         g = build_channel_graph(model)
-        scores, bn_members = _group_scores(g)
+        scores, members, kinds = _group_scores(g)
         hard_pins = g.slots.group_pins(soft=False)
-        prunable = [abs(v) for root, values in bn_members.items() if root not in hard_pins for v in values]
+        prunable = [abs(v) for root, values in members.items() if root not in hard_pins for v in values]
         threshold = self._threshold(model, prunable)
         if threshold is None:
-            return PassReport(model, False, {"threshold": None, "pruned_channels": {}, "reason": "no prunable BatchNorm channels"})
+            return PassReport(model, False, {"threshold": None, "pruned_channels": {},
+                                             "reason": "no prunable BatchNorm or channel-scale channels"})
         decision = g.decide(
             lambda root: root in scores and scores[root] < threshold,
             min_keep=self.min_keep, min_keep_ratio=self.min_keep_ratio, round_to=self.round_to,
             priority=lambda root: scores.get(root, np.inf), lossy=True,
         )
-        details = {"threshold": float(threshold), "prunable_bn_channels": len(prunable)}
+        counts = {kind: sum(1 for root, k in kinds if k == kind and root not in hard_pins) for kind in ("bn", "scale")}
+        details = {"threshold": float(threshold), "prunable_channels": len(prunable),
+                   "prunable_bn_channels": counts["bn"], "prunable_scale_channels": counts["scale"]}
         if decision.removed_roots:
-            _zero_gammas(g, decision.removed_roots)
-            compute_constants(g)  # pruned channels are now the constant BN shift
+            _zero_scales(g, decision.removed_roots)
+            compute_constants(g)  # pruned channels are now the constant BN shift (or 0 after a scale)
             result = summarise(g, decision)
             apply_removal(g)
             details["pruned_channels"] = {k: len(v) for k, v in result.removed.items()}
@@ -101,25 +113,41 @@ def _batchnorms(g):
             yield node
 
 
-def _group_scores(g) -> tuple[dict[int, float], dict[int, list[float]]]:
-    """Mean |gamma| per channel group over its BatchNorm channels, and the gammas themselves."""
-    members: dict[int, list[float]] = {}
+def _scaled(g):
+    """(node, index of its scale input, scale values [C]) of every BatchNorm and inserted scale
+    whose output channels are tracked."""
     for node in _batchnorms(g):
-        gamma = graphutil.const_array(node.inputs[1])
-        for slot, value in zip(g.layout(node.outputs[0]).slots.tolist(), gamma.tolist()):
+        yield node, 1, const_input(node.inputs[1])
+    for _, mul, scale in channel_scales(g.graph):
+        if g.layout(mul.outputs[0]) is not None:
+            yield mul, list(mul.inputs).index(scale), const_input(scale).reshape(-1)
+
+
+def _group_scores(g) -> tuple[dict[int, float], dict[int, list[float]], list[tuple[int, str]]]:
+    """Mean |scale| per channel group over its BatchNorm and inserted-scale channels, the scales
+    themselves, and (group, "bn" | "scale") per scale channel."""
+    members: dict[int, list[float]] = {}
+    kinds: list[tuple[int, str]] = []
+    for node, _, values in _scaled(g):
+        kind = "bn" if node.op_type == "BatchNormalization" else "scale"
+        for slot, value in zip(g.layout(node.outputs[0]).slots.tolist(), values.tolist()):
             if slot >= 0:
-                members.setdefault(g.slots.find(slot), []).append(float(value))
-    return {root: float(np.mean(np.abs(v))) for root, v in members.items()}, members
+                root = g.slots.find(slot)
+                members.setdefault(root, []).append(float(value))
+                kinds.append((root, kind))
+    return {root: float(np.mean(np.abs(v))) for root, v in members.items()}, members, kinds
 
 
-def _zero_gammas(g, removed_roots: set[int]) -> None:
-    for node in list(_batchnorms(g)):
+def _zero_scales(g, removed_roots: set[int]) -> None:
+    """Set the gamma or inserted scale of every removed channel to 0."""
+    for node, index, values in list(_scaled(g)):
         roots = g.slots.roots(g.layout(node.outputs[0]).slots)
         hit = np.isin(roots, list(removed_roots))
         if hit.any():
-            gamma = graphutil.const_array(node.inputs[1]).copy()
-            gamma[hit] = 0
-            graphutil.set_input_constant(g.graph, node, 1, gamma)
+            array = const_input(node.inputs[index])
+            new = array.reshape(-1).copy()
+            new[hit] = 0
+            graphutil.set_input_constant(g.graph, node, index, new.reshape(array.shape))
 
 
 __all__ = ["SlimChannelsPass", "METADATA_KEY"]

@@ -73,6 +73,8 @@ def generic_model(shuffled: bool = False) -> onnx.ModelProto:
 
 
 def model_for(pass_cls) -> onnx.ModelProto:
+    if pass_cls.name in ("insert-channel-scales", "fold-channel-scales"):
+        return scaled_model(inserted=pass_cls.name == "fold-channel-scales")
     return generic_model(shuffled=pass_cls.name == "topo-sort")
 
 
@@ -87,6 +89,22 @@ def options_for(pass_cls, model: onnx.ModelProto) -> dict:
         assert plan.fitted, "the generic model gives sparse-lowrank nothing to split"
         return {"plan": plan}
     return {}
+
+
+def scaled_model(inserted: bool) -> onnx.ModelProto:
+    """The generic model with its BatchNorm folded (the usual export: no BN after the conv), and
+    with ``inserted`` a channel scale ``Mul(conv, conv.slim_scale)`` of values other than 1."""
+    from onnxdns.passes.fold_batchnorm import FoldBatchNormPass
+    from onnxdns.passes.insert_channel_scales import InsertChannelScalesPass
+
+    model = FoldBatchNormPass()(generic_model())
+    if inserted:
+        model = InsertChannelScalesPass()(model)
+        for t in model.graph.initializer:
+            if t.name.endswith(".slim_scale"):
+                values = np.linspace(0.25, 2.0, int(np.prod(t.dims)), dtype=np.float32).reshape(tuple(t.dims))
+                t.CopyFrom(onnx.numpy_helper.from_array(values, t.name))
+    return model
 
 
 def assert_faithful(pass_cls, before: onnx.ModelProto, after: onnx.ModelProto) -> None:

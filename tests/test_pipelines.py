@@ -14,7 +14,7 @@ from onnxdns import api, pipelines, runtime
 from onnxdns.errors import OnnxdnsError
 from onnxdns.framework import GraphPass
 
-CPU = ["fold-masks", "eliminate-identity", "fold-constants", "fold-batchnorm", "remove-channels",
+CPU = ["fold-masks", "eliminate-identity", "fold-constants", "fold-channel-scales", "fold-batchnorm", "remove-channels",
        "fold-batchnorm", "remove-dead-nodes", "topo-sort", "infer-shapes", "sparse-storage"]
 
 

@@ -295,7 +295,7 @@ def test_cli_optimize_prints_the_layer_report(tmp_path, capsys):
     assert any(MARK in n.name for n in onnx.load(out).graph.node)
     status = cli.main(["optimize", str(src), "-o", str(out), "--passes", "fold-batchnorm", "--target-speedup", "2"])
     assert status == 2
-    assert "sparse_lowrank" in capsys.readouterr().err
+    assert "sparse-lowrank" in capsys.readouterr().err
 
 
 def test_api_takes_pass_options(tmp_path):

@@ -13,9 +13,19 @@ from onnxdns.channels.handlers import handler_for
 
 def build_channel_graph(model: ir.Model) -> ChannelGraph:
     """Propagate layouts, constants and boundary checks through the graph in order."""
+    g = channel_layouts(model)
+    compute_constants(g)
+    for node in list(model.graph):
+        handler_for(node).check(node, g)
+    return g
+
+
+def channel_layouts(model: ir.Model) -> ChannelGraph:
+    """Layouts, ties and structural pins only (no constants, no boundary checks): enough to know
+    which channel groups can never be removed (``g.slots.group_pins(soft=False)``), and cheap
+    (no onnxruntime evaluation)."""
     g = ChannelGraph(model, graphutil.inferred_shapes(model))
-    nodes = list(model.graph)
-    for node in nodes:
+    for node in list(model.graph):
         if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
             g.pin_inputs(node, f"consumed by {node.op_type} with subgraphs")
             g.unknown_ops[node.op_type] += 1
@@ -23,9 +33,6 @@ def build_channel_graph(model: ir.Model) -> ChannelGraph:
         handler_for(node).propagate(node, g)
     for value in model.graph.outputs:
         g.pin_value(value, f"graph output {value.name}")
-    compute_constants(g)
-    for node in nodes:
-        handler_for(node).check(node, g)
     return g
 
 

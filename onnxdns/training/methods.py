@@ -109,10 +109,18 @@ class Magnitude(_Pruning):
 
 class Slim(Method):
     """``slim``: Network Slimming sparsity training, ``loss + slim_lambda * sum |gamma|`` over every
-    trainable BatchNorm scale (or the smooth form), BatchNorm in training mode; no masks."""
+    trainable BatchNorm scale and inserted channel scale (or the smooth form), BatchNorm in
+    training mode; no masks."""
 
     name = "slim"
     batchnorm = "train"
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Convs without BatchNorm (folded by the usual export) get a per-channel scale to train
+        (``insert-channel-scales``: exact, all ones); BatchNorm's gamma serves the others."""
+        from onnxdns.passes.insert_channel_scales import InsertChannelScalesPass
+
+        return InsertChannelScalesPass().apply(model).model
 
     def artifact_options(self, params: ParameterSet) -> ArtifactOptions:
         return ArtifactOptions(penalty=sparsity_loss(params.scales, self.config.slim_lambda, self.config.smooth_l1))

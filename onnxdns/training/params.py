@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from onnxdns.passes.add_masks import BIAS_INPUT, MASK_SUFFIX, WEIGHT_INPUT
+from onnxdns.passes.insert_channel_scales import is_scale_name
 
 _FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -48,7 +49,8 @@ class ParameterSet:
     #: Training-graph output -> frozen parameter to overwrite with it after every step
     #: (running statistics of BatchNormalization nodes in training mode).
     writeback: dict[str, str]
-    #: Trainable BatchNormalization scales (gamma), in graph order (Network Slimming's penalty).
+    #: Trainable channel scales, in graph order (Network Slimming's penalty): BatchNormalization
+    #: scales (gamma) and the per-channel scales ``insert-channel-scales`` puts after a Conv.
     scales: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -150,15 +152,27 @@ def select_parameters(model: onnx.ModelProto) -> ParameterSet:
             if node.op_type in _ELEMENTWISE and int(np.prod(init.dims)) <= 1:
                 continue
             candidates.add(name)
+    candidates.update(name for n in model.graph.node for name in _scale_inputs(n, inits))  # one channel too
     frozen_names = masks | running_stats
     trainable = [n for n in inits if n in candidates and n not in frozen_names]
     frozen = [n for n in inits if n in frozen_names]
     trainable_set = set(trainable)
-    scales = list(dict.fromkeys(n.input[1] for n in model.graph.node
-                                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
-                                and len(n.input) > 1 and n.input[1] in trainable_set))
+    scales = list(dict.fromkeys(name for n in model.graph.node for name in _scale_inputs(n, inits)
+                                if name in trainable_set))
     return ParameterSet(trainable=trainable, frozen=frozen, layers=layers, writeback=batchnorm_writeback(model),
                         scales=scales)
+
+
+def _scale_inputs(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """The channel-scale initializer a node reads: BatchNormalization's gamma, or the floating-point
+    operand of a ``Mul`` named as ``insert-channel-scales`` names its scales."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if node.op_type == "BatchNormalization" and len(node.input) > 1:
+        return [node.input[1]]
+    if node.op_type == "Mul":
+        return [n for n in node.input if is_scale_name(n) and n in inits and inits[n].data_type in _FLOAT]
+    return []
 
 
 def layer_density(masks: dict[str, np.ndarray], layer: MaskedLayer) -> float:

@@ -30,6 +30,19 @@ class Handler:
 UNKNOWN = Handler()
 
 
+def const_input(value: ir.Value | None) -> np.ndarray | None:
+    """:func:`graphutil.const_array`, also behind ``Identity`` nodes: the torch exporter reads
+    initializers of equal values (the zero biases of an untrained net, say) through them."""
+    seen = 0
+    while value is not None and seen < 16:
+        arr = graphutil.const_array(value)
+        node = value.producer()
+        if arr is not None or node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            return arr
+        value, seen = node.inputs[0], seen + 1
+    return None
+
+
 def _padded(node: ir.Node) -> bool:
     auto_pad = node.attributes.get("auto_pad")
     if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):

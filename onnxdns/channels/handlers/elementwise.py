@@ -6,7 +6,7 @@ import numpy as np
 
 from onnxdns import graphutil
 from onnxdns.channels.constants import evaluate_node
-from onnxdns.channels.handlers.base import Handler, _padded
+from onnxdns.channels.handlers.base import const_input, Handler, _padded
 from onnxdns.channels.layout import Layout
 
 
@@ -15,7 +15,7 @@ class BatchNormHandler(Handler):
 
     def propagate(self, node, g):
         layout = g.layout(node.inputs[0])
-        params = [graphutil.const_array(v) for v in node.inputs[1:5]]
+        params = [const_input(v) for v in node.inputs[1:5]]
         if len(node.outputs) != 1 or any(p is None for p in params):
             return Handler.propagate(self, node, g)
         if layout is None:
@@ -30,7 +30,7 @@ class BatchNormHandler(Handler):
             return
         v = g.const(node.inputs[0])
         rank = g.rank(node.inputs[0]) or 4
-        params = [graphutil.const_array(x) for x in node.inputs[1:5]]
+        params = [const_input(x) for x in node.inputs[1:5]]
         out = evaluate_node(node, [(v, 1, rank), *params], 1, rank, g.opset)
         if out is None:
             return
@@ -46,7 +46,7 @@ class BatchNormHandler(Handler):
         if keep.all():
             return
         for i in range(1, 5):
-            graphutil.set_input_constant(g.graph, node, i, graphutil.const_array(node.inputs[i])[keep])
+            graphutil.set_input_constant(g.graph, node, i, const_input(node.inputs[i])[keep])
 
 
 def _aligned_axis(out_axis: int, out_rank: int, rank: int) -> int:
@@ -66,7 +66,7 @@ class ElementwiseHandler(Handler):
         for v in node.inputs:
             if v is None:
                 continue
-            arr = graphutil.const_array(v)
+            arr = const_input(v)
             r = arr.ndim if arr is not None else g.rank(v)
             if r is None:
                 return None
@@ -103,7 +103,7 @@ class ElementwiseHandler(Handler):
                 else:
                     g.pin(layout.slots, f"broadcast along channels in {node.op_type} {g.node_name(node)}")
                 continue
-            arr = graphutil.const_array(v)
+            arr = const_input(v)
             shape = arr.shape if arr is not None else g.shape(v)
             a = _aligned_axis(axis, out_rank, len(shape))
             dim = shape[a] if a >= 0 else 1
@@ -125,7 +125,7 @@ class ElementwiseHandler(Handler):
             elif g.layout(v) is not None:
                 inputs.append((g.const(v), g.layout(v).axis, g.rank(v)))
             else:
-                arr = graphutil.const_array(v)
+                arr = const_input(v)
                 if arr is None:
                     return  # a non-constant operand: nothing is constant
                 inputs.append(arr)
@@ -150,7 +150,7 @@ class ElementwiseHandler(Handler):
         for i, v in enumerate(node.inputs):
             if v is None or g.layout(v) is not None:
                 continue
-            arr = graphutil.const_array(v)
+            arr = const_input(v)
             if arr is None:
                 continue
             a = _aligned_axis(axis, out_rank, arr.ndim)

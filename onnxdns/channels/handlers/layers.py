@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxdns import graphutil
 from onnxdns.channels.analysis import ChannelGraph
 from onnxdns.channels.constants import unknown
-from onnxdns.channels.handlers.base import Handler, _changed, _fold_value, _padded
+from onnxdns.channels.handlers.base import const_input, Handler, _changed, _fold_value, _padded
 from onnxdns.channels.layout import Layout
 from onnxdns.external_data import drop_pages
 
@@ -22,7 +22,7 @@ class ConvHandler(Handler):
 
     @staticmethod
     def _info(node: ir.Node, g: ChannelGraph):
-        w = graphutil.const_array(node.inputs[1])
+        w = const_input(node.inputs[1])
         if w is None or w.ndim < 3:
             return None
         groups = graphutil.attr_int(node, "group", 1)
@@ -65,7 +65,7 @@ class ConvHandler(Handler):
         v = g.const(node.inputs[0], c_in)
         if _padded(node):  # zero padding makes a non-zero constant non-uniform at the borders
             v = np.where(v == 0, 0.0, np.nan)
-        bias = graphutil.const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        bias = const_input(node.inputs[2]) if len(node.inputs) > 2 else None
         bias = np.zeros(c_out) if bias is None else bias.astype(np.float64)
         opg, ipg = c_out // groups, c_in // groups
         vo = v.reshape(groups, ipg)[np.arange(c_out) // opg]  # inputs seen by each output
@@ -90,7 +90,7 @@ class ConvHandler(Handler):
         if not _changed(keep_in, keep_out):
             return
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-        bias = graphutil.const_array(node.inputs[2]).astype(np.float64) if has_bias else np.zeros(c_out)
+        bias = const_input(node.inputs[2]).astype(np.float64) if has_bias else np.zeros(c_out)
         if kind == "depthwise":
             new_w = w[keep_out]
             node.attributes["group"] = ir.AttrInt64("group", int(keep_in.sum()))
@@ -134,7 +134,7 @@ class ConvTransposeHandler(Handler):
     """ConvTranspose with group 1: weight [C_in, C_out, k...]. Constants fold only when zero."""
 
     def _info(self, node):
-        w = graphutil.const_array(node.inputs[1])
+        w = const_input(node.inputs[1])
         if w is None or graphutil.attr_int(node, "group", 1) != 1:
             return None
         return w
@@ -154,7 +154,7 @@ class ConvTransposeHandler(Handler):
         w = self._info(node)
         nz = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1)  # [C_in, C_out]
         v = g.const(node.inputs[0], w.shape[0])
-        bias = graphutil.const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        bias = const_input(node.inputs[2]) if len(node.inputs) > 2 else None
         bias = np.zeros(w.shape[1]) if bias is None else bias.astype(np.float64)
         valid = np.all(~nz | (v[:, None] == 0), axis=0)  # only all-zero contributions stay uniform
         g.set_const(node.outputs[0], np.where(valid, bias, np.nan))
@@ -176,7 +176,7 @@ class ConvTransposeHandler(Handler):
             return
         graphutil.set_input_constant(g.graph, node, 1, np.ascontiguousarray(w[keep_in][:, keep_out]))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            graphutil.set_input_constant(g.graph, node, 2, graphutil.const_array(node.inputs[2])[keep_out])
+            graphutil.set_input_constant(g.graph, node, 2, const_input(node.inputs[2])[keep_out])
 
 
 class MatrixHandler(Handler):
@@ -191,15 +191,15 @@ class MatrixHandler(Handler):
         if node.op_type == "Gemm":
             if graphutil.attr_int(node, "transA", 0) != 0:
                 return None
-            b = graphutil.const_array(node.inputs[1])
+            b = const_input(node.inputs[1])
             if b is None or b.ndim != 2:
                 return None
             wk = b.T if graphutil.attr_int(node, "transB", 0) else b
-            c = graphutil.const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            c = const_input(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             if len(node.inputs) > 2 and node.inputs[2] is not None and c is None:
                 return None
             return wk, graphutil.attr_float(node, "alpha", 1.0), graphutil.attr_float(node, "beta", 1.0), c, 1
-        b = graphutil.const_array(node.inputs[1])
+        b = const_input(node.inputs[1])
         rank = g.rank(node.inputs[0])
         if b is None or b.ndim != 2 or rank is None or rank < 2:
             return None
@@ -311,7 +311,7 @@ def _add_bias_after(node: ir.Node, g: ChannelGraph, bias: np.ndarray, keep_out: 
     if len(uses) == 1 and not out.is_graph_output():
         user, idx = uses[0].node, uses[0].idx
         other = user.inputs[1 - idx] if user.op_type == "Add" and len(user.inputs) == 2 else None
-        arr = graphutil.const_array(other)
+        arr = const_input(other)
         if arr is not None and arr.size == len(bias) and arr.shape[-1:] == (len(bias),):
             graphutil.set_input_constant(g.graph, user, 1 - idx, (arr + bias.reshape(arr.shape)).astype(arr.dtype))
             return
