@@ -260,7 +260,8 @@ def _add_sparse_lowrank_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-compression", type=argtypes.real(1.0, low_open=True), metavar="X",
                    help="parameter reduction to reach (instead, or as well)")
     g.add_argument("--finetune-epochs", type=argtypes.non_negative_real, metavar="E",
-                   help="fine-tune the split model with onnxruntime-training on --calib-data (a dataset name)")
+                   help="fine-tune the split model with onnxruntime-training on --calib-data (cross-entropy with labels, "
+                        "else distillation from the model before the split)")
     g.add_argument("--no-speed-check", dest="speed_check", action="store_false", default=None,
                    help="do not time the split model against its input (by default splits that do not make "
                         "it faster on onnxruntime CPU are undone)")
@@ -286,6 +287,9 @@ def _pass_options(args: argparse.Namespace) -> dict[str, dict] | None:
             opts[name] = getattr(args, name)
     if not opts:
         return None
+    if args.finetune_epochs and args.calib_data is not None:
+        opts["finetune_data"] = args.calib_data  # read again, by name, by the training loop
+        opts["finetune_options"] = {k: getattr(args, k) for k in ("mean", "std") if getattr(args, k) is not None}
     if args.data_dir is not None:
         opts["data_dir"] = str(args.data_dir)
     opts["progress"] = sys.stderr.isatty()

@@ -14,7 +14,8 @@ position of the pipeline (see :mod:`onnxdns.pipelines`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -26,6 +27,7 @@ from onnxdns.lowrank import blas, calibration, speed, split
 from onnxdns.lowrank.cost import COSTS
 from onnxdns.lowrank.layers import is_split
 from onnxdns.passes.sparse_lowrank import SparseLowRankPass, SplitPlan, clean_up
+from onnxdns.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,10 @@ class SparseLowRank:
     ``compare`` (also fit low-rank-only, sparse-only and mixed baselines at the same MACs, for
     reports), ``narrow_inputs`` (input channels a split layer no longer reads are removed from
     the layers producing them, exactly), ``finetune_epochs`` (fine-tune the split model with
-    onnxruntime-training on ``calib_data``, a dataset name; needs the ``[train]`` extra),
+    onnxruntime-training on ``finetune_data``, default ``calib_data`` when it names data (not
+    arrays): cross-entropy with labels, else distillation from the model before the split;
+    ``finetune_lr``, ``finetune_batch_size``; ``finetune_options``: further :func:`onnxdns.training.train` options such as ``mean``/``std``;
+    needs the ``[train]`` extra),
     ``progress`` (tqdm bars with rate and ETA; every stage is also logged).
 
     Never slower (``speed_check``, default on): the split model is timed against the input on
@@ -81,6 +86,9 @@ class SparseLowRank:
         compare: bool = False,
         finetune_epochs: float = 0.0,
         finetune_lr: float = 0.005,
+        finetune_batch_size: int = 64,
+        finetune_data: Any = None,
+        finetune_options: Mapping[str, Any] | None = None,
         narrow_inputs: bool = True,
         speed_check: bool = True,
         min_speedup: float = 1.05,
@@ -97,17 +105,26 @@ class SparseLowRank:
                 raise OnnxdnsError(f"sparse-lowrank: a target ratio must be above 1, got {ratio}")
         if cost not in COSTS[:2]:
             raise OnnxdnsError(f"sparse-lowrank: cost must be one of {', '.join(COSTS[:2])}, got '{cost}'")
-        if min(calib_samples - 2, max_rows - 16, round_to - 1, iterations, cost_batch - 1, finetune_epochs) < 0:
+        if min(calib_samples - 2, max_rows - 16, round_to - 1, iterations, cost_batch - 1, finetune_epochs,
+               finetune_batch_size - 1) < 0:
             raise OnnxdnsError("sparse-lowrank: calib_samples >= 2, max_rows >= 16, round_to >= 1, iterations >= 0, "
-                               "cost_batch >= 1 and finetune_epochs >= 0 are required")
-        if finetune_epochs and not isinstance(calib_data, str):
-            raise OnnxdnsError("sparse-lowrank: fine-tuning needs calib_data to be a dataset name (labels are needed)")
+                               "cost_batch >= 1, finetune_epochs >= 0 and finetune_batch_size >= 1 are required")
+        if finetune_data is None and isinstance(calib_data, (str, os.PathLike, Source)):
+            finetune_data = calib_data
+        if finetune_epochs and finetune_data is None:
+            raise OnnxdnsError("sparse-lowrank: fine-tuning reads its data by name: give finetune_data (a data set "
+                               "name, a folder, a .npz/.npy file, module:function or a Source)")
         if not min_speedup >= 1.0:
             raise OnnxdnsError(f"sparse-lowrank: min_speedup must be at least 1, got {min_speedup}")
         self.calib_data = calib_data
         self.calib_samples = int(calib_samples)
         self.finetune_epochs = float(finetune_epochs)
         self.finetune_lr = float(finetune_lr)
+        self.finetune_batch_size = int(finetune_batch_size)
+        self.finetune_data = finetune_data
+        if finetune_options is not None and not isinstance(finetune_options, Mapping):
+            raise OnnxdnsError("sparse-lowrank: finetune_options must be a mapping of train() options (Python API)")
+        self.finetune_options = dict(finetune_options or {})
         self.narrow_inputs = bool(narrow_inputs)
         self.speed_check = bool(speed_check)
         self.min_speedup = float(min_speedup)
@@ -139,15 +156,18 @@ class SparseLowRank:
         else:
             raise TypeError(f"sparse-lowrank: expected onnx.ModelProto or onnx_ir.Model, got {type(target).__name__}")
         plan = self.fit(view)
+        teacher = modelio.to_proto(view) if self.finetune_epochs and plan.fitted else None  # before the split
         applied = SparseLowRankPass(plan).apply(target)
         if self.finetune_epochs and plan.fitted:
             from onnxdns.lowrank.finetune import finetune
 
             work = applied.model if isinstance(applied.model, ir.Model) else modelio.to_ir(applied.model)
-            applied.details["finetune"] = finetune(work, self.calib_data, epochs=self.finetune_epochs,
-                                                   lr=self.finetune_lr, seed=self.settings.seed,
-                                                   threads=self.settings.threads, progress=self.progress,
-                                                   data_dir=self.data_dir)
+            applied.details["finetune"] = finetune(work, self.finetune_data, teacher=teacher,
+                                                   epochs=self.finetune_epochs, lr=self.finetune_lr,
+                                                   batch_size=self.finetune_batch_size,
+                                                   seed=self.settings.seed, threads=self.settings.threads,
+                                                   progress=self.progress, data_dir=self.data_dir,
+                                                   **self.finetune_options)
             if not isinstance(applied.model, ir.Model):
                 applied.model = modelio.to_proto(work)
         return applied
