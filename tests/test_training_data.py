@@ -424,3 +424,28 @@ def test_builtin_data_keep_their_order_and_reshape(tmp_path):
 def onnx_file(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path
+
+
+def test_fidelity_metrics():
+    """Agreement, relative L2 error and cosine similarity against numpy's definitions; a zero
+    output has cosine 0 with a non-zero teacher (1 only when both are zero)."""
+    spec = losses.LossSpec("distill", ("logits", "map"), (True, False))
+    rng = np.random.default_rng(0)
+    s = {"logits": rng.normal(size=(6, 4)), "map": rng.normal(size=(6, 2, 3))}
+    t = {"logits": s["logits"] + rng.normal(scale=0.5, size=(6, 4)), "map": np.zeros((6, 2, 3))}
+    t["map"][:3] = rng.normal(size=(3, 2, 3))
+    s["map"][3:] = 0.0
+    m = loop.Metrics(spec)
+    m.add_fidelity({k: v[:4] for k, v in s.items()}, {k: v[:4] for k, v in t.items()})
+    m.add_fidelity({k: v[4:] for k, v in s.items()}, {k: v[4:] for k, v in t.items()})
+    values = m.values()
+    assert values["agreement/logits"] == pytest.approx(np.mean(s["logits"].argmax(1) == t["logits"].argmax(1)))
+    assert values["rel_l2/logits"] == pytest.approx(np.linalg.norm(s["logits"] - t["logits"]) / np.linalg.norm(t["logits"]))
+    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(s["map"][:3].reshape(3, -1),
+                                                                             t["map"][:3].reshape(3, -1))]
+    assert values["cosine/map"] == pytest.approx((sum(cos) + 3 * 1.0) / 6)  # rows 3-5: both zero
+    assert "agreement/map" not in values and "accuracy" not in values
+    m = loop.Metrics(spec)
+    m.add_fidelity({"logits": np.zeros((2, 4)), "map": np.zeros((2, 2, 3))},
+                   {"logits": np.ones((2, 4)), "map": np.ones((2, 2, 3))})
+    assert m.values()["cosine/logits"] == 0.0 and m.values()["rel_l2/map"] == 1.0

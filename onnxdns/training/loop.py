@@ -467,8 +467,11 @@ class Metrics:
             self.diff_sq[o] += float(np.sum((s - t) ** 2))
             self.ref_sq[o] += float(np.sum(t ** 2))
             s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
-            norms = np.linalg.norm(s2, axis=1) * np.linalg.norm(t2, axis=1)
-            cos = np.where(norms > 0, np.sum(s2 * t2, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+            ns, nt = np.linalg.norm(s2, axis=1), np.linalg.norm(t2, axis=1)
+            norms = ns * nt
+            # both zero: the same output (1); one zero: nothing in common (0)
+            cos = np.where(norms > 0, np.sum(s2 * t2, axis=1) / np.where(norms > 0, norms, 1),
+                           np.where((ns == 0) & (nt == 0), 1.0, 0.0))
             self.cos_sum[o] += float(np.sum(cos))
         self.samples += n
 
