@@ -35,17 +35,19 @@ class Accuracy:
 
 
 class Fidelity:
-    """How closely outputs follow a reference's, over every sample seen.
+    """How closely outputs follow a reference's, over every sample seen (samples on axis 0).
 
-    Per output, in float64 over all elements: ``relative_l2 = ||y - r|| / ||r||`` and
-    ``cosine = <y, r> / (||y|| ||r||)`` (1 when both are zero); for classifier outputs
-    (see :func:`is_classifier`) also the fraction of samples whose arg-max agrees.
+    Per output: ``relative_l2 = ||y - r|| / ||r||`` over all elements (float64), ``cosine`` the mean
+    over samples of ``<y_i, r_i> / (||y_i|| ||r_i||)`` (1 when both are zero, 0 when only one is)
+    and, for classifier outputs, ``top1_agreement``: the fraction of samples whose arg-max agrees.
+    Classifier outputs are the names in ``classifiers``, or by default those of shape
+    ``[batch, classes]`` (see :func:`is_classifier`).
     """
 
-    def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}  # name -> [sum (y-r)^2, sum r^2, sum y*r, sum y^2]
+    def __init__(self, classifiers: set[str] | None = None) -> None:
+        self.classifiers = classifiers
+        self.sums: dict[str, np.ndarray] = {}  # name -> [sum (y-r)^2, sum r^2, sum of per-sample cosines, samples]
         self.agree: dict[str, int] = {}
-        self.rows: dict[str, int] = {}
 
     def update(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
         for name, y in outputs.items():
@@ -53,19 +55,24 @@ class Fidelity:
             y = np.asarray(y, dtype=np.float64)
             if y.shape != r.shape:
                 raise ValueError(f"output {name}: shape {list(y.shape)} differs from the reference's {list(r.shape)}")
+            n = len(y) if y.ndim else 1
+            y2, r2 = y.reshape(n, -1), r.reshape(n, -1)
+            ny, nr = np.linalg.norm(y2, axis=1), np.linalg.norm(r2, axis=1)
+            norms = ny * nr
+            cos = np.where(norms > 0, np.sum(y2 * r2, axis=1) / np.where(norms > 0, norms, 1),
+                           np.where((ny == 0) & (nr == 0), 1.0, 0.0))
             s = self.sums.setdefault(name, np.zeros(4))
-            s += [np.sum((y - r) ** 2), np.sum(r * r), np.sum(y * r), np.sum(y * y)]
-            if is_classifier(r):
+            s += [np.sum((y - r) ** 2), np.sum(r * r), np.sum(cos), n]
+            if (name in self.classifiers) if self.classifiers is not None else is_classifier(r):
                 self.agree[name] = self.agree.get(name, 0) + int(np.count_nonzero(y.argmax(-1) == r.argmax(-1)))
-                self.rows[name] = self.rows.get(name, 0) + int(r.shape[0])
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> dict[str, dict[str, float]]:
         """``{name: {"relative_l2", "cosine"[, "top1_agreement"]}}``."""
-        out: dict[str, Any] = {}
-        for name, (diff, ref, dot, own) in self.sums.items():
+        out: dict[str, dict[str, float]] = {}
+        for name, (diff, ref, cos, n) in self.sums.items():
             row = {"relative_l2": math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf),
-                   "cosine": dot / math.sqrt(ref * own) if ref > 0 and own > 0 else float(ref == own)}
-            if self.rows.get(name):
-                row["top1_agreement"] = self.agree[name] / self.rows[name]
+                   "cosine": float(cos / n) if n else 1.0}
+            if name in self.agree:
+                row["top1_agreement"] = self.agree[name] / n
             out[name] = row
         return out

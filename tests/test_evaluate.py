@@ -45,7 +45,8 @@ def test_accuracy_and_fidelity_match_numpy(tmp_path, data):
     assert result.reference_accuracy == pytest.approx(np.mean(ref.argmax(1) == labels))
     row = result.fidelity["logits"]
     assert row["relative_l2"] == pytest.approx(np.linalg.norm(got - ref) / np.linalg.norm(ref), rel=1e-5)
-    assert row["cosine"] == pytest.approx(np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref), rel=1e-5)
+    per_sample = np.sum(got * ref, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert row["cosine"] == pytest.approx(per_sample.mean(), rel=1e-5)
     assert result.top1_agreement == pytest.approx(np.mean(got.argmax(1) == ref.argmax(1)))
     assert result.fidelity["map"] == {"relative_l2": 0.0, "cosine": pytest.approx(1.0)}  # the same Relu
     assert 0 < row["relative_l2"] and row["cosine"] < 1

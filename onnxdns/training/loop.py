@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from onnxdns.errors import OnnxdnsError
+from onnxdns.metrics import Accuracy, Fidelity
 from onnxdns.sources.base import Batch, Source
 from onnxdns.training.losses import LossSpec
 from onnxdns.training.optim import LRSchedule
@@ -441,51 +442,29 @@ def headline(record: EpochRecord) -> str:
 
 
 class Metrics:
-    """Accumulates validation metrics over batches (see :class:`EpochRecord`)."""
+    """Validation metrics of an epoch (see :class:`EpochRecord`), accumulated over batches with
+    :mod:`onnxdns.metrics` (the definitions the evaluator of ONNX files uses too)."""
 
     def __init__(self, loss: LossSpec) -> None:
         self.loss = loss
-        self.correct = self.labelled = 0
-        self.agree = {o: 0 for o, c in zip(loss.outputs, loss.classifier) if c}
-        self.diff_sq = {o: 0.0 for o in loss.outputs}
-        self.ref_sq = {o: 0.0 for o in loss.outputs}
-        self.cos_sum = {o: 0.0 for o in loss.outputs}
-        self.samples = 0
+        self.accuracy = Accuracy()
+        self.fidelity = Fidelity(classifiers={o for o, c in zip(loss.outputs, loss.classifier) if c})
 
     def add_accuracy(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        self.correct += int(np.count_nonzero(logits.argmax(axis=-1) == labels))
-        self.labelled += len(labels)
+        self.accuracy.update(logits, labels)
 
     def add_fidelity(self, student: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> None:
-        n = 0
-        for o in self.loss.outputs:
-            s = np.asarray(student[o], np.float64)
-            t = np.asarray(teacher[o], np.float64)
-            n = len(s) if s.ndim else 1
-            if o in self.agree:
-                self.agree[o] += int(np.count_nonzero(s.argmax(axis=-1) == t.argmax(axis=-1)))
-            self.diff_sq[o] += float(np.sum((s - t) ** 2))
-            self.ref_sq[o] += float(np.sum(t ** 2))
-            s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
-            ns, nt = np.linalg.norm(s2, axis=1), np.linalg.norm(t2, axis=1)
-            norms = ns * nt
-            # both zero: the same output (1); one zero: nothing in common (0)
-            cos = np.where(norms > 0, np.sum(s2 * t2, axis=1) / np.where(norms > 0, norms, 1),
-                           np.where((ns == 0) & (nt == 0), 1.0, 0.0))
-            self.cos_sum[o] += float(np.sum(cos))
-        self.samples += n
+        self.fidelity.update({o: student[o] for o in self.loss.outputs}, teacher)
 
     def values(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.labelled:
-            out["accuracy"] = self.correct / self.labelled
-        if self.samples:
-            for o in self.loss.outputs:
-                if o in self.agree:
-                    out[f"agreement/{o}"] = self.agree[o] / self.samples
-                out[f"rel_l2/{o}"] = math.sqrt(self.diff_sq[o] / self.ref_sq[o]) if self.ref_sq[o] > 0 else \
-                    (0.0 if self.diff_sq[o] == 0 else float("inf"))
-                out[f"cosine/{o}"] = self.cos_sum[o] / self.samples
+        if self.accuracy.value is not None:
+            out["accuracy"] = self.accuracy.value
+        for o, row in self.fidelity.result().items():
+            if "top1_agreement" in row:
+                out[f"agreement/{o}"] = row["top1_agreement"]
+            out[f"rel_l2/{o}"] = row["relative_l2"]
+            out[f"cosine/{o}"] = row["cosine"]
         return out
 
 
