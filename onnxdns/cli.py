@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from onnxdns import __version__, argtypes, extras
-from onnxdns.data import DATASETS
-from onnxdns.errors import OnnxdnsError
+from onnxdns.data import VALIDATION_CHOICES as DATA_CHOICES
+from onnxdns.errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
+                            OnnxdnsError)
 from onnxdns.slimming_cli import add_slim_arguments, run_slim
 from onnxdns.training.cli import add_train_arguments, run_train
-
-DATA_CHOICES = ("random", *DATASETS)
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_VALIDATION, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 
 class _UsageError(Exception):

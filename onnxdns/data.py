@@ -94,6 +94,10 @@ DATASETS: dict[str, DatasetInfo] = {
         how_to_get="run 'apt-get install dataset-fashion-mnist', set ONNXDNS_DATA_DIR, or use --download",
     ),
 }
+#: The built-in data sets' names: the one list every command and module takes them from.
+DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
+#: What optimize/validate compare models on besides real data: random inputs or a built-in data set.
+VALIDATION_CHOICES: tuple[str, ...] = ("random", *DATASET_NAMES)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 from onnxdns import argtypes
-from onnxdns.training.cli import add_data_arguments, add_slim_penalty_arguments
-from onnxdns.training.config import SCHEDULES
-
-EXIT_OK, EXIT_VALIDATION, EXIT_INTERRUPTED = 0, 3, 130
+from onnxdns.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_VALIDATION
+from onnxdns.training.cli import add_data_arguments, add_optimizer_arguments, add_slim_penalty_arguments
 
 
 def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +36,7 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--finetune-epochs", type=argtypes.positive_real, help="fine-tuning epochs (default: --epochs)")
     tr.add_argument("--lr", type=argtypes.positive_real, help=f"learning rate (default: {TRAIN_DEFAULTS['lr']})")
     tr.add_argument("--finetune-lr", type=argtypes.positive_real, help="fine-tuning learning rate (default: --lr)")
-    tr.add_argument("--batch-size", type=argtypes.positive_int, help=f"batch size (default: {TRAIN_DEFAULTS['batch_size']})")
-    tr.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True), help=f"SGD momentum (default: {TRAIN_DEFAULTS['momentum']})")
-    tr.add_argument("--weight-decay", type=argtypes.non_negative_real, help=f"L2 weight decay (default: {TRAIN_DEFAULTS['weight_decay']})")
-    tr.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default: {TRAIN_DEFAULTS['schedule']})")
-    tr.add_argument("--seed", type=argtypes.non_negative_int, help="data order (default: 0)")
-    tr.add_argument("--subset", type=argtypes.positive_int, help="train on this many examples drawn from the training split")
+    add_optimizer_arguments(tr, TRAIN_DEFAULTS)
     run = parser.add_argument_group("run")
     run.add_argument("--work-dir", type=Path, metavar="DIR",
                      help="stage models and checkpoints (default: OUT.slim beside the output); finished stages "

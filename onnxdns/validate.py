@@ -26,8 +26,8 @@ from onnxdns.runtime import ort  # imported on first use: onnxdns[cpu], [cuda] o
 from onnxdns.errors import OnnxdnsError
 
 #: Dataset names accepted by ``data=`` besides ``"random"``.
-DATASETS = tuple(data_module.DATASETS)
-DATA_CHOICES = ("random", *DATASETS)
+DATASETS = data_module.DATASET_NAMES
+DATA_CHOICES = data_module.VALIDATION_CHOICES
 #: Input shape (after the batch dimension) that the datasets provide.
 IMAGE_SHAPE = (1, 28, 28)
 #: Samples compared when ``data="random"`` and no count is given.

@@ -20,14 +20,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from onnxdns.data import DATASET_NAMES
 from onnxdns.errors import OnnxdnsError
 from onnxdns.sources.base import Batch, IndexedSource, Source
 from onnxdns.sources.model import ModelInput, describe_inputs, model_inputs
 
 __all__ = ["Batch", "IndexedSource", "ModelInput", "Source", "describe_inputs", "is_source_spec", "model_inputs",
            "open_source"]
-
-DATASET_NAMES = ("mnist", "fashion-mnist")
 
 
 def is_source_spec(spec: Any) -> bool:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from onnxdns import argtypes
+from onnxdns.errors import EXIT_INTERRUPTED, EXIT_OK
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_SMOOTH_BETA, METHODS, SCHEDULES, TrainConfig
 from onnxdns.training.losses import DEFAULT_TEMPERATURE, LOSSES
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
 _DEFAULTS = TrainConfig()
 
 
@@ -32,16 +32,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=argtypes.positive_real, help="training length in epochs (default: 10)")
     budget.add_argument("--iterations", type=argtypes.positive_int, help="training length in optimizer steps")
-    parser.add_argument("--batch-size", type=argtypes.positive_int, help=f"training batch size{_default('batch_size')}")
     parser.add_argument("--lr", type=argtypes.positive_real, help=f"learning rate{_default('lr')}")
-    parser.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True), help=f"SGD momentum{_default('momentum')}")
-    parser.add_argument("--weight-decay", type=argtypes.non_negative_real, help=f"L2 weight decay{_default('weight_decay')}")
-    parser.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule{_default('schedule')}")
+    add_optimizer_arguments(parser, dataclasses.asdict(_DEFAULTS))
     parser.add_argument("--lr-gamma", type=argtypes.positive_real, help="step: factor per step (0.1); inv: gamma (1e-4)")
     parser.add_argument("--lr-step", type=argtypes.positive_int, help="step schedule: steps between decays (default: a third of the run); "
                                                       "cosine: steps at full lr before the decay (default: 0)")
-    parser.add_argument("--seed", type=argtypes.non_negative_int, help=f"data order and surgery randomness{_default('seed')}")
-    parser.add_argument("--subset", type=argtypes.positive_int, help="train on this many examples drawn from the training split")
     parser.add_argument("--test-subset", type=argtypes.positive_int, help="evaluate on this many examples of the test split")
     parser.add_argument("--batchnorm", choices=BATCHNORM_MODES,
                         help="BatchNorm statistics while training: batch statistics with running statistics written "
@@ -71,6 +66,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=argtypes.threads, default=0,
                      help=f"onnxruntime intra-op threads, 0 to {argtypes.MAX_THREADS} (0: all cores)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_optimizer_arguments(group, defaults) -> None:
+    """Batch size, momentum, weight decay, schedule, seed and subset (``train`` and both training
+    stages of ``slim``; ``defaults`` maps the dests to the values shown in the help)."""
+    group.add_argument("--batch-size", type=argtypes.positive_int, help=f"training batch size (default: {defaults['batch_size']})")
+    group.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True),
+                       help=f"SGD momentum (default: {defaults['momentum']})")
+    group.add_argument("--weight-decay", type=argtypes.non_negative_real,
+                       help=f"L2 weight decay (default: {defaults['weight_decay']})")
+    group.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default: {defaults['schedule']})")
+    group.add_argument("--seed", type=argtypes.non_negative_int,
+                       help=f"data order, validation split and method randomness (default: {defaults.get('seed', 0)})")
+    group.add_argument("--subset", type=argtypes.positive_int, help="train on this many examples drawn from the training data")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str) -> None:
