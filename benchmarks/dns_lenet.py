@@ -190,7 +190,7 @@ def summarize_counts(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
 def train_stage(name: str, src: Path, out: Path, options: dict[str, Any], threads: int) -> dict[str, Any]:
     """Train ``src`` into ``out``; resumes the stage's checkpoint if a previous run was cut."""
     from onnxdns.errors import OnnxdnsError
-    from onnxdns.training.api import RUN_FILE, train
+    from onnxdns.workflows.train import RUN_FILE, train
 
     ckpt = PATHS.work / f"{name}.ckpt"
     result = None

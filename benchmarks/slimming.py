@@ -6,7 +6,7 @@ onnxruntime-training:
 
 1. ``baseline``: dense training (BatchNorm in training mode) with the same recipe and length as the
    sparsity training: the accuracy bar;
-2. ``slim`` (:func:`onnxdns.slimming.slim`): sparsity training from the same initial weights
+2. ``slim`` (:func:`onnxdns.workflows.slim.slim`): sparsity training from the same initial weights
    (``lambda * sum |gamma|``), global-threshold channel pruning (coupled channels as whole groups),
    fine-tuning, ``optimize``;
 3. both final models optimized for the CPU (BatchNorm folded) and compared: test accuracy,
@@ -47,7 +47,7 @@ from onnxdns.data import load_dataset
 from onnxdns.models import build
 from onnxdns.models.export import export_model
 from onnxdns.passes.slim_channels import SlimChannelsPass
-from onnxdns.slimming import TRAIN_DEFAULTS, evaluate_accuracy, slim, train_stage
+from onnxdns.workflows.slim import TRAIN_DEFAULTS, evaluate_accuracy, slim, train_stage
 from onnxdns.stats import model_stats
 from onnxdns.validate import measure_latency
 

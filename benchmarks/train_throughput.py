@@ -92,7 +92,7 @@ def worker_ort(model: str, variant: str, steps: int, repeats: int, threads: int)
     from onnxdns import modelio
     from onnxdns.models import export_model
     from onnxdns.training import artifacts
-    from onnxdns.training.api import artifact_spec
+    from onnxdns.workflows.train import artifact_spec
     from onnxdns.training.config import TrainConfig
     from onnxdns.sources import model_inputs, open_source
     from onnxdns.training import losses

@@ -13,7 +13,7 @@ from onnxdns.training.cli import add_data_arguments, add_optimizer_arguments, ad
 
 def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``slim`` options to ``parser``."""
-    from onnxdns.slimming import ROUND_TO, TRAIN_DEFAULTS
+    from onnxdns.workflows.slim import ROUND_TO, TRAIN_DEFAULTS
 
     parser.add_argument("input", type=Path, metavar="IN.onnx", help="classifier with BatchNormalization layers")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="slimmed, optimized model")
@@ -51,7 +51,7 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_slim(args: argparse.Namespace) -> int:
     """Run ``onnxdns slim``; returns the exit status."""
-    from onnxdns.slimming import slim
+    from onnxdns.workflows.slim import slim
 
     train_options = {k: getattr(args, k) for k in ("batch_size", "momentum", "weight_decay", "schedule", "seed", "subset",
                                                    "val_data", "val_fraction", "loss", "loss_outputs", "temperature",
@@ -78,7 +78,7 @@ def run_slim(args: argparse.Namespace) -> int:
 
 
 def format_slim_result(result) -> str:
-    """Per-stage table (parameters, MACs, test accuracy, time) of a :class:`~onnxdns.slimming.SlimResult`."""
+    """Per-stage table (parameters, MACs, test accuracy, time) of a :class:`~onnxdns.workflows.slim.SlimResult`."""
     from onnxdns import report
 
     rows = [("input", report.count(result.input_params), report.count(result.input_macs), "-", "-", "")]

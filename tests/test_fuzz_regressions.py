@@ -343,7 +343,7 @@ def test_thread_counts_are_bounded(command, threads, model_file, tmp_path):
 @pytest.mark.parametrize("option", [dict(weight_decay=float("nan")), dict(dns_gamma=float("nan")),
                                     dict(epochs=float("inf")), dict(seed=-1), dict(lr=0.0), dict(iterations=0)])
 def test_train_api_refuses_nonsense_numbers(option, model_file, tmp_path):
-    from onnxdns.training import api as train_api
+    from onnxdns.workflows import train as train_api
 
     with pytest.raises(OnnxdnsError, match=next(iter(option))):
         train_api.train(model_file, tmp_path / "out.onnx", progress=False, **option)
@@ -640,7 +640,7 @@ def test_a_folder_in_use_by_a_running_training_is_not_cleared(lenet, tmp_path, c
     """A run still setting up (no checkpoint yet) must not be mistaken for a killed one."""
     import fcntl
 
-    from onnxdns.training import api as train_api
+    from onnxdns.workflows import train as train_api
 
     ckpt = tmp_path / "busy.ckpt"
     ckpt.mkdir()

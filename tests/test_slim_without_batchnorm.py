@@ -124,7 +124,8 @@ def test_scale_gradient_matches_torch(tmp_path):
     """One plain SGD step (lr 1) of the slim training graph of a BN-free export moves every
     parameter, the inserted scales included, by the gradient torch computes for
     CE + lambda * sum |scale| on the same net with explicit scales (all 1: sign 1)."""
-    from onnxdns.training import api, artifacts
+    from onnxdns.training import artifacts
+    from onnxdns.workflows import train as api
     from onnxdns.training.session import TrainingSession
 
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from onnxdns.data import load_dataset
 from onnxdns.errors import OnnxdnsError
 from onnxdns.models import export_model
 from onnxdns.passes.fold_masks import FoldMasksPass
-from onnxdns.training import api, artifacts, loop
+from onnxdns.training import artifacts, loop
+from onnxdns.workflows import train as api
 from onnxdns.training.cli import add_train_arguments, run_train
 from onnxdns.training.session import TrainingSession
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from clikit import assert_user_error, run
 from onnxdns import runtime
-from onnxdns.training import api, artifacts, loop, losses
+from onnxdns.training import artifacts, loop, losses
+from onnxdns.workflows import train as api
 from onnxdns.training.config import TrainConfig
 from onnxdns.training.methods import get_method
 from onnxdns.training.params import select_parameters

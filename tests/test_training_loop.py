@@ -18,7 +18,8 @@ from onnx import numpy_helper
 from onnxdns.errors import OnnxdnsError
 from onnxdns.models import export_model
 from onnxdns.sources import model_inputs, open_source
-from onnxdns.training import api, artifacts, loop, losses
+from onnxdns.training import artifacts, loop, losses
+from onnxdns.workflows import train as api
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import select_parameters
 from onnxdns.training.session import TrainingSession

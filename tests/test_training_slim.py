@@ -15,9 +15,10 @@ from onnx import numpy_helper
 
 from onnxdns import cli, modelio, runtime
 from onnxdns.errors import OnnxdnsError
-from onnxdns.slimming import slim
+from onnxdns.workflows.slim import slim
 from onnxdns.testing import export_module
-from onnxdns.training import api, artifacts, batchnorm
+from onnxdns.training import artifacts, batchnorm
+from onnxdns.workflows import train as api
 from onnxdns.training.config import TrainConfig
 from onnxdns.training.methods import get_method
 from onnxdns.training.params import select_parameters

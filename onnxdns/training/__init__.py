@@ -1,7 +1,8 @@
 """Fine-tuning ONNX models with onnxruntime-training (masks as graph initializers).
 
-``train`` (:mod:`onnxdns.training.api`) runs Dynamic Network Surgery, magnitude pruning or plain
-training; ``onnxdns.training.cli`` provides ``onnxdns train``. Importing this package is cheap;
+The engine of the ``train`` workflow (:mod:`onnxdns.workflows.train`): training artifacts, the
+loop, losses, methods (Dynamic Network Surgery, magnitude pruning, Network Slimming's penalty);
+``onnxdns.training.cli`` provides ``onnxdns train``. Importing this package is cheap;
 ``train`` loads onnxruntime-training (and with it torch) on first use.
 """
 
@@ -15,7 +16,7 @@ __all__ = ["METHODS", "TrainConfig", "train"]
 
 
 def train(*args: Any, **kwargs: Any):
-    """See :func:`onnxdns.training.api.train`."""
-    from onnxdns.training.api import train as _train
+    """See :func:`onnxdns.workflows.train.train`."""
+    from onnxdns.workflows.train import train as _train
 
     return _train(*args, **kwargs)

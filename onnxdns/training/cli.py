@@ -125,7 +125,7 @@ def add_slim_penalty_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``onnxdns train``; returns the exit status (130 when interrupted after saving)."""
     from onnxdns.errors import OnnxdnsError
-    from onnxdns.training.api import train
+    from onnxdns.workflows.train import train
 
     if args.resume is None and (args.input is None or args.output is None):
         raise OnnxdnsError("train needs IN.onnx and -o OUT.onnx (or --resume DIR)")

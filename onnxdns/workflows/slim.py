@@ -307,7 +307,7 @@ def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.P
     """:func:`onnxdns.training.train` of ``src`` into ``dst`` with checkpoints in ``ckpt``, resumed
     when ``ckpt`` holds a run of the same model with the same ``options`` (``TrainConfig`` fields),
     started again otherwise. ``runtime``: ``progress``, ``threads``, ``data_dir``, ``teacher``."""
-    from onnxdns.training.api import RUN_FILE, train
+    from onnxdns.workflows.train import RUN_FILE, train
 
     src, ckpt = Path(src), Path(ckpt)
     run = ckpt / RUN_FILE
