@@ -90,6 +90,14 @@ def se_block() -> onnx.ModelProto:
                   "r2", 8, rng)
 
 
+def sigmoid_chain() -> onnx.ModelProto:
+    """conv1-sigmoid-conv2 (1x1, no padding)-relu."""
+    rng = np.random.default_rng(10)
+    mk = helper.make_node
+    return _build([_conv("conv1", "x", "c1", 3, 8, rng), ([mk("Sigmoid", ["c1"], ["s1"])], []),
+                   _conv("conv2", "s1", "c2", 8, 8, rng, k=1), ([mk("Relu", ["c2"], ["r2"])], [])], "r2", 8, rng)
+
+
 def _scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {k: v for k, v in initializer_arrays(model).items() if is_scale_name(k)}
 
@@ -120,6 +128,8 @@ CASES = {
                  {"conv1": 7, "conv2": 4, "conv3": 7}),
     "depthwise": (depthwise, {"conv1", "dw", "conv2"}, {"conv1": [3, 5], "dw": [3, 5], "conv2": [1]},
                   {"conv1": 6, "dw": 6, "conv2": 7}),
+    # a pruned channel is 0.5 after the Sigmoid: folded exactly into the unpadded 1x1 conv's bias
+    "sigmoid": (sigmoid_chain, {"conv1", "conv2"}, {"conv1": [2, 3, 7]}, {"conv1": 5, "conv2": 8}),
     "se-block": (se_block, {"conv1", "squeeze", "excite", "conv2"}, {"conv1": [0, 6], "excite": [0, 6], "squeeze": [1]},
                  {"conv1": 6, "squeeze": 3, "excite": 6, "conv2": 8}),
 }
@@ -320,3 +330,19 @@ def test_insert_then_fold_batchnorm_model_is_unchanged():
     assert not InsertChannelScalesPass().apply(model).modified
     assert not FoldChannelScalesPass().apply(model).modified
     assert InsertChannelScalesPass().apply(FoldBatchNormPass()(model)).modified
+
+
+def test_channels_a_batchnorm_scales_further_on_get_no_scale():
+    """DenseNet-style: conv outputs concatenated, then BatchNorm: that gamma scores the channels."""
+    rng = np.random.default_rng(9)
+    mk = helper.make_node
+    bn = [init("bn.gamma", rng.uniform(0.5, 1.5, 12).astype(np.float32)), init("bn.beta", np.zeros(12, np.float32)),
+          init("bn.mean", np.zeros(12, np.float32)), init("bn.var", np.ones(12, np.float32))]
+    model = _build([_conv("a", "x", "ca", 3, 6, rng), _conv("b", "x", "cb", 3, 6, rng), _conv("c", "x", "cc", 3, 4, rng),
+                    ([mk("Concat", ["ca", "cb"], ["cat"], axis=1),
+                      mk("BatchNormalization", ["cat", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["n"], name="bn"),
+                      mk("Relu", ["n"], ["r"]), mk("Relu", ["cc"], ["rc"]), mk("Concat", ["r", "rc"], ["y"], axis=1)], bn)],
+                   "y", 16, rng)
+    applied = InsertChannelScalesPass().apply(model)
+    assert set(_scales(applied.model)) == {"c.slim_scale"}
+    assert applied.details["skipped_batchnorm"] == 2
