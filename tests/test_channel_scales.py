@@ -346,3 +346,20 @@ def test_channels_a_batchnorm_scales_further_on_get_no_scale():
     applied = InsertChannelScalesPass().apply(model)
     assert set(_scales(applied.model)) == {"c.slim_scale"}
     assert applied.details["skipped_batchnorm"] == 2
+
+
+def test_optimize_pipeline_folds_leftover_scales(tmp_path):
+    """``onnxdns optimize`` (cpu pipeline) folds scale Muls into the convs, validated exact."""
+    from onnxdns import api
+
+    model = InsertChannelScalesPass()(residual())
+    rng = np.random.default_rng(11)
+    for name in _scales(model):
+        _set(model, name, rng.uniform(0.5, 2.0, _scales(model)[name].shape))
+    src, out = tmp_path / "scaled.onnx", tmp_path / "out.onnx"
+    modelio.save_model(model, src)
+    result = api.optimize(src, out, target="cpu")
+    assert result.ok and "fold-channel-scales" in [p.name for p in result.passes if p.modified]
+    optimized = onnx.load(str(out))
+    assert "Mul" not in op_types(optimized) and not _scales(optimized)
+    assert_exact(model, optimized, rel=1e-5, batch=3)
