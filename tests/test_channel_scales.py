@@ -159,7 +159,7 @@ def test_zero_scales_are_slimmed_exactly_and_folded(case):
         s = _scales(scaled)[f"{conv}.slim_scale"].copy()
         s[0, channels] = 0.0
         _set(scaled, f"{conv}.slim_scale", s)
-    slimmed = SlimChannelsPass(threshold=1e-6, min_keep_ratio=0.0)(scaled)
+    slimmed = check_idempotent(SlimChannelsPass, scaled, threshold=1e-6, min_keep_ratio=0.0)
     assert _widths(slimmed) == widths
     assert_exact(scaled, slimmed, rel=1e-5, batch=3)
     folded = FoldChannelScalesPass().apply(slimmed)
