@@ -9,13 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxdns import graphutil
+from onnxdns.channels.handlers.base import const_input
 from onnxdns.framework import GraphPass, PassReport
 
 #: Name suffix of an inserted scale: the scale after Conv ``features.0`` is ``features.0.slim_scale``
 #: (``_1``, ``_2``, ... appended when that name is taken).
 SCALE_SUFFIX = ".slim_scale"
 _SCALE_NAME = re.compile(re.escape(SCALE_SUFFIX) + r"(_\d+)?$")
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
 def is_scale_name(name: str) -> bool:
@@ -66,8 +66,8 @@ def _candidate(node: ir.Node) -> bool:
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return False
     w = node.inputs[1]
-    arr = graphutil.const_array(w)
-    if arr is None or arr.ndim < 3 or arr.shape[0] < 2 or w.dtype not in _FLOAT_TYPES:
+    arr = const_input(w)
+    if arr is None or arr.ndim < 3 or arr.shape[0] < 2 or not np.issubdtype(arr.dtype, np.floating):
         return False
     out = node.outputs[0]
     if out.is_graph_output():
@@ -89,7 +89,7 @@ def scale_of(mul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     conv = x.producer()
     if conv is None or conv.op_type != "Conv" or conv.outputs[0] is not x or not graphutil.only_user(x, mul):
         return None
-    w = graphutil.const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    w = const_input(conv.inputs[1]) if len(conv.inputs) > 1 else None
     shape = graphutil.static_shape(scale)
     if w is None or shape != (1, w.shape[0]) + (1,) * (w.ndim - 2):
         return None
@@ -131,7 +131,7 @@ def _skipped(model: ir.Model, convs: list[ir.Node]) -> tuple[set[ir.Node], set[i
 
 
 def _insert(graph: ir.Graph, conv: ir.Node) -> ir.Value:
-    w = graphutil.const_array(conv.inputs[1])
+    w = const_input(conv.inputs[1])
     base = conv.name or _strip_weight(conv.inputs[1].name) or "Conv"
     scale = graphutil.add_initializer(graph, np.ones((1, w.shape[0]) + (1,) * (w.ndim - 2), dtype=w.dtype),
                                       f"{base}{SCALE_SUFFIX}")

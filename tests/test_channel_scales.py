@@ -90,6 +90,27 @@ def se_block() -> onnx.ModelProto:
                   "r2", 8, rng)
 
 
+def reshaped_bias() -> onnx.ModelProto:
+    """Paddle-style: conv1 without bias, then ``Add(conv, Reshape(Constant bias, [1, C, 1, 1]))``,
+    an SE-like gate whose bias is ``Add(conv, Unsqueeze(bias, [0, 2, 3]))``, relu, conv2."""
+    rng = np.random.default_rng(12)
+    mk = helper.make_node
+    values = rng.standard_normal(8).astype(np.float32)
+    values[[1, 2]] = 0.0  # the channels the test prunes output 0 then (a bias would be a constant lost at padded borders)
+    bias = onnx.numpy_helper.from_array(values)
+    shape = onnx.numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64))
+    return _build([_conv("conv1", "x", "c1", 3, 8, rng, bias=False),
+                   ([mk("Constant", [], ["b1"], value=bias), mk("Constant", [], ["s1"], value=shape),
+                     mk("Reshape", ["b1", "s1"], ["b1r"]), mk("Add", ["c1", "b1r"], ["a1"]), mk("Relu", ["a1"], ["h"]),
+                     mk("GlobalAveragePool", ["h"], ["p"])], []),
+                   _conv("excite", "p", "e", 8, 8, rng, k=1, bias=False),
+                   ([mk("Unsqueeze", ["eb", "axes"], ["ebu"]), mk("Add", ["e", "ebu"], ["ea"]),
+                     mk("HardSigmoid", ["ea"], ["g"]), mk("Mul", ["h", "g"], ["y"])],
+                    [init("eb", rng.standard_normal(8).astype(np.float32)), init("axes", np.array([0, 2, 3], np.int64))]),
+                   _conv("conv2", "y", "c2", 8, 8, rng), ([mk("Relu", ["c2"], ["r2"])], [])],
+                  "r2", 8, rng)
+
+
 def sigmoid_chain() -> onnx.ModelProto:
     """conv1-sigmoid-conv2 (1x1, no padding)-relu."""
     rng = np.random.default_rng(10)
@@ -130,6 +151,9 @@ CASES = {
                   {"conv1": 6, "dw": 6, "conv2": 7}),
     # a pruned channel is 0.5 after the Sigmoid: folded exactly into the unpadded 1x1 conv's bias
     "sigmoid": (sigmoid_chain, {"conv1", "conv2"}, {"conv1": [2, 3, 7]}, {"conv1": 5, "conv2": 8}),
+    # biases added through Reshape / Unsqueeze of constants are sliced like any per-channel constant
+    "reshaped-bias": (reshaped_bias, {"conv1", "excite", "conv2"}, {"conv1": [1, 2], "excite": [1, 2]},
+                      {"conv1": 6, "excite": 6, "conv2": 8}),
     "se-block": (se_block, {"conv1", "squeeze", "excite", "conv2"}, {"conv1": [0, 6], "excite": [0, 6], "squeeze": [1]},
                  {"conv1": 6, "squeeze": 3, "excite": 6, "conv2": 8}),
 }
@@ -164,7 +188,7 @@ def test_zero_scales_are_slimmed_exactly_and_folded(case):
     assert_exact(scaled, slimmed, rel=1e-5, batch=3)
     folded = FoldChannelScalesPass().apply(slimmed)
     assert folded.modified and not _scales(folded.model)
-    assert op_types(folded.model).count("Mul") == (1 if case == "se-block" else 0)  # the SE gate's own Mul stays
+    assert op_types(folded.model).count("Mul") == (1 if case in ("se-block", "reshaped-bias") else 0)  # SE gates stay
     assert_exact(scaled, folded.model, rel=1e-5, batch=3)
     onnx.checker.check_model(folded.model, full_check=True)
 
