@@ -135,8 +135,16 @@ def options_help(classes: Iterable[type]) -> str:
     lines = []
     for cls in classes:
         options = options_of(cls)
-        if options:
-            lines.append(f"  {cls.name}: {', '.join(o.describe() for o in options.values())}")
+        if not options:
+            continue
+        line = f"  {cls.name}:"
+        for i, o in enumerate(options.values()):
+            item = o.describe() + ("," if i < len(options) - 1 else "")
+            if len(line) + 1 + len(item) > 100:
+                lines.append(line)
+                line = "     "
+            line += " " + item
+        lines.append(line)
     return "\n".join(lines)
 
 

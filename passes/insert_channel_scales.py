@@ -9,13 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxdns import graphutil
+from onnxdns.channels.handlers.base import const_input
 from onnxdns.framework import GraphPass, PassReport
 
 #: Name suffix of an inserted scale: the scale after Conv ``features.0`` is ``features.0.slim_scale``
 #: (``_1``, ``_2``, ... appended when that name is taken).
 SCALE_SUFFIX = ".slim_scale"
 _SCALE_NAME = re.compile(re.escape(SCALE_SUFFIX) + r"(_\d+)?$")
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
 def is_scale_name(name: str) -> bool:
@@ -39,8 +39,9 @@ class InsertChannelScalesPass(GraphPass):
 
     Skipped convs: a weight that is not a floating-point constant; an output read by a
     BatchNormalization (Network Slimming uses its gamma) or already scaled by this pass; a graph
-    output; one output channel; and output channels that can never be removed (every channel
-    pinned by the channel analysis: graph outputs further on, ops without a channel handler).
+    output; one output channel; output channels that can never be removed (pinned by the channel
+    analysis: graph outputs further on, ops without a channel handler); and output channels that
+    all reach a BatchNorm further on (DenseNet's concat-then-BN: that gamma scores them).
     Only the main graph is processed.
     """
 
@@ -51,21 +52,22 @@ class InsertChannelScalesPass(GraphPass):
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
         convs = [node for node in graph if _candidate(node)]
-        pinned = _never_removed(model, convs) if convs else set()
+        pinned, covered = _skipped(model, convs) if convs else (set(), set())
         inserted: list[str] = []
         for conv in convs:
-            if conv in pinned:
+            if conv in pinned or conv in covered:
                 continue
             inserted.append(_insert(graph, conv).name)
-        return PassReport(model, bool(inserted), {"scales": inserted, "skipped_pinned": len(pinned)})
+        return PassReport(model, bool(inserted), {"scales": inserted, "skipped_pinned": len(pinned),
+                                                  "skipped_batchnorm": len(covered)})
 
 
 def _candidate(node: ir.Node) -> bool:
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return False
     w = node.inputs[1]
-    arr = graphutil.const_array(w)
-    if arr is None or arr.ndim < 3 or arr.shape[0] < 2 or w.dtype not in _FLOAT_TYPES:
+    arr = const_input(w)
+    if arr is None or arr.ndim < 3 or arr.shape[0] < 2 or not np.issubdtype(arr.dtype, np.floating):
         return False
     out = node.outputs[0]
     if out.is_graph_output():
@@ -87,7 +89,7 @@ def scale_of(mul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     conv = x.producer()
     if conv is None or conv.op_type != "Conv" or conv.outputs[0] is not x or not graphutil.only_user(x, mul):
         return None
-    w = graphutil.const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    w = const_input(conv.inputs[1]) if len(conv.inputs) > 1 else None
     shape = graphutil.static_shape(scale)
     if w is None or shape != (1, w.shape[0]) + (1,) * (w.ndim - 2):
         return None
@@ -104,22 +106,32 @@ def channel_scales(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node, ir.Value]]:
     return found
 
 
-def _never_removed(model: ir.Model, convs: list[ir.Node]) -> set[ir.Node]:
-    """The convs none of whose output channels the channel engine could ever remove."""
+def _skipped(model: ir.Model, convs: list[ir.Node]) -> tuple[set[ir.Node], set[ir.Node]]:
+    """The convs none of whose output channels the channel engine could ever remove, and those
+    whose every output channel is in a group a BatchNorm scales further on (after a Concat, a
+    residual Add, ...: its gamma scores them)."""
     from onnxdns.channels.remove import channel_layouts
 
     g = channel_layouts(model)
     pins = g.slots.group_pins(soft=False)
-    out = set()
+    scaled_by_bn: set[int] = set()
+    for node in model.graph:
+        if node.op_type == "BatchNormalization" and g.layout(node.outputs[0]) is not None:
+            scaled_by_bn.update(int(r) for r in g.slots.roots(g.layout(node.outputs[0]).slots) if r >= 0)
+    pinned, covered = set(), set()
     for conv in convs:
         layout = g.layout(conv.outputs[0])
-        if layout is None or all(s < 0 or g.slots.find(int(s)) in pins for s in layout.slots.tolist()):
-            out.add(conv)
-    return out
+        roots = [] if layout is None else [g.slots.find(int(s)) for s in layout.slots.tolist() if s >= 0]
+        if all(r in pins for r in roots):  # also: no tracked channel at all
+            pinned.add(conv)
+        elif all(r in scaled_by_bn for r in roots):
+            covered.add(conv)
+    return pinned, covered
+
 
 
 def _insert(graph: ir.Graph, conv: ir.Node) -> ir.Value:
-    w = graphutil.const_array(conv.inputs[1])
+    w = const_input(conv.inputs[1])
     base = conv.name or _strip_weight(conv.inputs[1].name) or "Conv"
     scale = graphutil.add_initializer(graph, np.ones((1, w.shape[0]) + (1,) * (w.ndim - 2), dtype=w.dtype),
                                       f"{base}{SCALE_SUFFIX}")

@@ -90,6 +90,35 @@ def se_block() -> onnx.ModelProto:
                   "r2", 8, rng)
 
 
+def reshaped_bias() -> onnx.ModelProto:
+    """Paddle-style: conv1 without bias, then ``Add(conv, Reshape(Constant bias, [1, C, 1, 1]))``,
+    an SE-like gate whose bias is ``Add(conv, Unsqueeze(bias, [0, 2, 3]))``, relu, conv2."""
+    rng = np.random.default_rng(12)
+    mk = helper.make_node
+    values = rng.standard_normal(8).astype(np.float32)
+    values[[1, 2]] = 0.0  # the channels the test prunes output 0 then (a bias would be a constant lost at padded borders)
+    bias = onnx.numpy_helper.from_array(values)
+    shape = onnx.numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64))
+    return _build([_conv("conv1", "x", "c1", 3, 8, rng, bias=False),
+                   ([mk("Constant", [], ["b1"], value=bias), mk("Constant", [], ["s1"], value=shape),
+                     mk("Reshape", ["b1", "s1"], ["b1r"]), mk("Add", ["c1", "b1r"], ["a1"]), mk("Relu", ["a1"], ["h"]),
+                     mk("GlobalAveragePool", ["h"], ["p"])], []),
+                   _conv("excite", "p", "e", 8, 8, rng, k=1, bias=False),
+                   ([mk("Unsqueeze", ["eb", "axes"], ["ebu"]), mk("Add", ["e", "ebu"], ["ea"]),
+                     mk("HardSigmoid", ["ea"], ["g"]), mk("Mul", ["h", "g"], ["y"])],
+                    [init("eb", rng.standard_normal(8).astype(np.float32)), init("axes", np.array([0, 2, 3], np.int64))]),
+                   _conv("conv2", "y", "c2", 8, 8, rng), ([mk("Relu", ["c2"], ["r2"])], [])],
+                  "r2", 8, rng)
+
+
+def sigmoid_chain() -> onnx.ModelProto:
+    """conv1-sigmoid-conv2 (1x1, no padding)-relu."""
+    rng = np.random.default_rng(10)
+    mk = helper.make_node
+    return _build([_conv("conv1", "x", "c1", 3, 8, rng), ([mk("Sigmoid", ["c1"], ["s1"])], []),
+                   _conv("conv2", "s1", "c2", 8, 8, rng, k=1), ([mk("Relu", ["c2"], ["r2"])], [])], "r2", 8, rng)
+
+
 def _scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {k: v for k, v in initializer_arrays(model).items() if is_scale_name(k)}
 
@@ -120,6 +149,11 @@ CASES = {
                  {"conv1": 7, "conv2": 4, "conv3": 7}),
     "depthwise": (depthwise, {"conv1", "dw", "conv2"}, {"conv1": [3, 5], "dw": [3, 5], "conv2": [1]},
                   {"conv1": 6, "dw": 6, "conv2": 7}),
+    # a pruned channel is 0.5 after the Sigmoid: folded exactly into the unpadded 1x1 conv's bias
+    "sigmoid": (sigmoid_chain, {"conv1", "conv2"}, {"conv1": [2, 3, 7]}, {"conv1": 5, "conv2": 8}),
+    # biases added through Reshape / Unsqueeze of constants are sliced like any per-channel constant
+    "reshaped-bias": (reshaped_bias, {"conv1", "excite", "conv2"}, {"conv1": [1, 2], "excite": [1, 2]},
+                      {"conv1": 6, "excite": 6, "conv2": 8}),
     "se-block": (se_block, {"conv1", "squeeze", "excite", "conv2"}, {"conv1": [0, 6], "excite": [0, 6], "squeeze": [1]},
                  {"conv1": 6, "squeeze": 3, "excite": 6, "conv2": 8}),
 }
@@ -149,12 +183,12 @@ def test_zero_scales_are_slimmed_exactly_and_folded(case):
         s = _scales(scaled)[f"{conv}.slim_scale"].copy()
         s[0, channels] = 0.0
         _set(scaled, f"{conv}.slim_scale", s)
-    slimmed = SlimChannelsPass(threshold=1e-6, min_keep_ratio=0.0)(scaled)
+    slimmed = check_idempotent(SlimChannelsPass, scaled, threshold=1e-6, min_keep_ratio=0.0)
     assert _widths(slimmed) == widths
     assert_exact(scaled, slimmed, rel=1e-5, batch=3)
     folded = FoldChannelScalesPass().apply(slimmed)
     assert folded.modified and not _scales(folded.model)
-    assert op_types(folded.model).count("Mul") == (1 if case == "se-block" else 0)  # the SE gate's own Mul stays
+    assert op_types(folded.model).count("Mul") == (1 if case in ("se-block", "reshaped-bias") else 0)  # SE gates stay
     assert_exact(scaled, folded.model, rel=1e-5, batch=3)
     onnx.checker.check_model(folded.model, full_check=True)
 
@@ -320,3 +354,36 @@ def test_insert_then_fold_batchnorm_model_is_unchanged():
     assert not InsertChannelScalesPass().apply(model).modified
     assert not FoldChannelScalesPass().apply(model).modified
     assert InsertChannelScalesPass().apply(FoldBatchNormPass()(model)).modified
+
+
+def test_channels_a_batchnorm_scales_further_on_get_no_scale():
+    """DenseNet-style: conv outputs concatenated, then BatchNorm: that gamma scores the channels."""
+    rng = np.random.default_rng(9)
+    mk = helper.make_node
+    bn = [init("bn.gamma", rng.uniform(0.5, 1.5, 12).astype(np.float32)), init("bn.beta", np.zeros(12, np.float32)),
+          init("bn.mean", np.zeros(12, np.float32)), init("bn.var", np.ones(12, np.float32))]
+    model = _build([_conv("a", "x", "ca", 3, 6, rng), _conv("b", "x", "cb", 3, 6, rng), _conv("c", "x", "cc", 3, 4, rng),
+                    ([mk("Concat", ["ca", "cb"], ["cat"], axis=1),
+                      mk("BatchNormalization", ["cat", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["n"], name="bn"),
+                      mk("Relu", ["n"], ["r"]), mk("Relu", ["cc"], ["rc"]), mk("Concat", ["r", "rc"], ["y"], axis=1)], bn)],
+                   "y", 16, rng)
+    applied = InsertChannelScalesPass().apply(model)
+    assert set(_scales(applied.model)) == {"c.slim_scale"}
+    assert applied.details["skipped_batchnorm"] == 2
+
+
+def test_optimize_pipeline_folds_leftover_scales(tmp_path):
+    """``onnxdns optimize`` (cpu pipeline) folds scale Muls into the convs, validated exact."""
+    from onnxdns import api
+
+    model = InsertChannelScalesPass()(residual())
+    rng = np.random.default_rng(11)
+    for name in _scales(model):
+        _set(model, name, rng.uniform(0.5, 2.0, _scales(model)[name].shape))
+    src, out = tmp_path / "scaled.onnx", tmp_path / "out.onnx"
+    modelio.save_model(model, src)
+    result = api.optimize(src, out, target="cpu")
+    assert result.ok and "fold-channel-scales" in [p.name for p in result.passes if p.modified]
+    optimized = onnx.load(str(out))
+    assert "Mul" not in op_types(optimized) and not _scales(optimized)
+    assert_exact(model, optimized, rel=1e-5, batch=3)

@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
 
 from onnxdns import cli, modelio, runtime
 from onnxdns.passes.insert_channel_scales import is_scale_name

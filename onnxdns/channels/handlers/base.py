@@ -30,17 +30,45 @@ class Handler:
 UNKNOWN = Handler()
 
 
-def const_input(value: ir.Value | None) -> np.ndarray | None:
-    """:func:`graphutil.const_array`, also behind ``Identity`` nodes: the torch exporter reads
-    initializers of equal values (the zero biases of an untrained net, say) through them."""
-    seen = 0
-    while value is not None and seen < 16:
-        arr = graphutil.const_array(value)
-        node = value.producer()
-        if arr is not None or node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
-            return arr
-        value, seen = node.inputs[0], seen + 1
-    return None
+def const_input(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """:func:`graphutil.const_array`, also behind ``Identity`` nodes (the torch exporter reads
+    initializers of equal values, the zero biases of an untrained net say, through them) and
+    ``Reshape`` / ``Unsqueeze`` / ``Squeeze`` of constants (Paddle's exports add conv biases as
+    ``Add(conv, Reshape(bias, shape))``)."""
+    if value is None or depth > 16:
+        return None
+    arr = graphutil.const_array(value)
+    node = value.producer()
+    if arr is not None or node is None or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return arr
+    if node.op_type == "Identity":
+        return const_input(node.inputs[0], depth + 1)
+    if node.op_type not in ("Reshape", "Unsqueeze", "Squeeze") or node.outputs[0] is not value:
+        return None
+    data = const_input(node.inputs[0], depth + 1)
+    if data is None:
+        return None
+    second = const_input(node.inputs[1], depth + 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    try:
+        if node.op_type == "Reshape":
+            if second is None:
+                return None
+            shape = [int(d) for d in second.reshape(-1)]
+            if not graphutil.attr_int(node, "allowzero", 0):
+                shape = [data.shape[i] if d == 0 and i < data.ndim else d for i, d in enumerate(shape)]
+            return data.reshape(shape)
+        axes = [int(a) for a in second.reshape(-1)] if second is not None else graphutil.attr_ints(node, "axes")
+        if node.op_type == "Unsqueeze":
+            if not axes:
+                return None
+            rank = data.ndim + len(axes)
+            out = data
+            for a in sorted(a % rank for a in axes):
+                out = np.expand_dims(out, a)
+            return out
+        return np.squeeze(data) if not axes else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
+    except ValueError:
+        return None
 
 
 def _padded(node: ir.Node) -> bool:
