@@ -141,7 +141,7 @@ def test_scale_gradient_matches_torch(tmp_path):
     before = {k: v.copy() for k, v in session.parameters().items()}
     rng = np.random.default_rng(0)
     x, y = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8).astype(np.int64)
-    outputs = session.train_step(x, y, 1.0)
+    outputs = session.train_step([x, y], 1.0)
 
     net = ScaledNet(scaled=True)
     net.load_state_dict(plain.state_dict(), strict=False)
