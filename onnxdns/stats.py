@@ -239,7 +239,7 @@ def _inferred_shapes(model: onnx.ModelProto, model_path: str | os.PathLike | Non
             continue
         if inp.type.tensor_type.HasField("shape"):
             for dim in inp.type.tensor_type.shape.dim:
-                if not dim.HasField("dim_value"):
+                if not dim.HasField("dim_value") or dim.dim_value <= 0:  # symbolic, or -1 (Paddle's exports)
                     dim.Clear()
                     dim.dim_value = 1
     try:

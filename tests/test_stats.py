@@ -195,3 +195,14 @@ def test_zoo_macs_match_the_pytorch_count(name, tmp_path):
     stats = model_stats(onnx.load(path))
     assert stats.macs_complete
     assert stats.macs == models.macs(models.build(name), models.INPUT_SHAPES[name])
+
+
+def test_a_batch_of_minus_one_counts_as_one_sample():
+    """Paddle exports write the batch dimension as dim_value -1 (PP-OCR's classifier): MACs are
+    per sample, never negative."""
+    w = np.ones((4, 3, 3, 3), np.float32)
+    x = inp("x", [1, 3, 8, 8])
+    x.type.tensor_type.shape.dim[0].dim_value = -1
+    m = make_model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1], name="conv")], [x], [out("y", 4)],
+                   [init("W", w)])
+    assert model_stats(m).macs == 4 * 8 * 8 * 27
