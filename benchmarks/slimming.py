@@ -47,7 +47,10 @@ from onnxdns.data import load_dataset
 from onnxdns.models import build
 from onnxdns.models.export import export_model
 from onnxdns.passes.slim_channels import SlimChannelsPass
-from onnxdns.workflows.slim import TRAIN_DEFAULTS, evaluate_accuracy, slim, train_stage
+from onnxdns.workflows.evaluate import evaluate
+from onnxdns.workflows.slim import TRAIN_DEFAULTS, slim
+from onnxdns.workflows.stages import Stage
+from onnxdns.workflows.train import train_stage
 from onnxdns.stats import model_stats
 from onnxdns.validate import measure_latency
 
@@ -84,19 +87,18 @@ def run_model(key: str, cfg: dict[str, Any], args: argparse.Namespace, test_set)
     epochs = QUICK["epochs"] if args.quick else cfg["epochs"]
     timings: dict[str, float] = {}
 
-    # 1. dense baseline
-    t0 = time.perf_counter()
+    # 1. dense baseline (a cached stage: skipped when done with the same settings and initial model)
     baseline = work / "baseline.onnx"
     options = {**recipe, "data": "fashion-mnist", "method": "none", "batchnorm": "train", "epochs": epochs}
-    stamp = work / "baseline.json"
-    saved = json.loads(stamp.read_text()) if stamp.exists() else {}
-    if saved.get("options") != options or not baseline.exists():
-        print(f"[{key}] baseline: dense training, {epochs:g} epochs", file=sys.stderr)
+
+    def train_baseline() -> dict[str, Any]:
+        t0 = time.perf_counter()
         result = train_stage(original, baseline, work / "baseline.ckpt", options, **runtime)
         if result.interrupted:
             raise KeyboardInterrupt
-        saved = {"options": options, "seconds": round(time.perf_counter() - t0, 1)}
-        stamp.write_text(json.dumps(saved))
+        return {"seconds": round(time.perf_counter() - t0, 1)}
+
+    saved = Stage("baseline", options, [original], [baseline], train_baseline, work / "stages")()
     timings["baseline_training"] = saved["seconds"]
 
     # 2. Network Slimming pipeline (its stages skip themselves)
@@ -120,7 +122,7 @@ def run_model(key: str, cfg: dict[str, Any], args: argparse.Namespace, test_set)
         raise RuntimeError(f"optimized baseline failed validation: {opt.validation.message}")
     shutil.copyfile(slim_out, slim_final)
     models = {"baseline": base_opt, "slim": slim_final}
-    acc = {k: evaluate_accuracy(p, test_set) for k, p in models.items()}
+    acc = {k: evaluate(p, "fashion-mnist", split="test", batch_size=500).accuracy for k, p in models.items()}
     stats = {k: model_stats(modelio.load_model(p), file_bytes=p.stat().st_size) for k, p in models.items()}
     latency = _latency(models, args.threads)
     stage_rows = {s.name: {"params": s.params, "macs": s.macs, "accuracy": s.accuracy, "seconds": s.seconds,

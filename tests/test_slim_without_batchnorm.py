@@ -88,8 +88,8 @@ def test_slim_cli_prunes_a_model_without_batchnorm(tmp_path, capsys):
         model = onnx.load(str(path))
         assert not any(is_scale_name(i.name) for i in model.graph.initializer), path
         assert not any(n.op_type == "Mul" for n in model.graph.node), path
-    manifest = json.loads((work / "slim.json").read_text())
-    assert manifest["stages"]["prune"]["record"]["details"]["prunable_scale_channels"] == 16 + 24 + 24
+    record = json.loads((work / "stages" / "prune.json").read_text())
+    assert record["result"]["details"]["prunable_scale_channels"] == 16 + 24 + 24
 
     before, after = onnx.load(str(src)), onnx.load(str(out))
     widths_before, widths_after = _conv_widths(before), _conv_widths(after)

@@ -194,14 +194,14 @@ def test_slim_pipeline_and_cli(tmp_path, capsys):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "sparse" in text and "finetune" in text and "MACs" in text
-    manifest = json.loads((tmp_path / "res-slim.slim" / "slim.json").read_text())
-    assert set(manifest["stages"]) == {"sparse", "prune", "finetune"}
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "res-slim.slim" / "stages").glob("*.json")}
+    assert set(records) == {"sparse", "prune", "finetune"}
     model = onnx.load(str(out))
     inits = _inits(model)
     widths = [inits[n.input[1]].shape[0] for n in model.graph.node if n.op_type == "Conv"]
     assert widths[0] == widths[2] == widths[4] < 16  # stem and both block outputs: one residual group
     assert all(w % 4 == 0 for w in widths)
-    assert manifest["stages"]["finetune"]["record"]["accuracy"] is not None
+    assert records["finetune"]["result"]["accuracy"] is not None
 
     result = slim(src, out, slim_lambda=0.02, epochs=2, finetune_epochs=1, subset=256, batch_size=32, prune_ratio=0.5,
                   round_to=4, threads=1, progress=False, evaluate=False, validate=False)

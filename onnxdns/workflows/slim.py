@@ -19,34 +19,32 @@ model into a work folder (default ``<output stem>.slim`` beside the output):
 4. ``optimize``: the target pipeline (``onnxdns optimize``: BatchNorm folded, cleaned up),
    validated against the fine-tuned model -> the output.
 
-Stages are restartable: a stage whose settings (and those of the stages before it) match the
-ones recorded in ``<work>/slim.json`` and whose model exists is skipped; an interrupted training
-stage resumes from its checkpoint; a stage whose settings changed is redone with every stage
-after it (so several prune ratios can share one sparsity training). ``fresh=True`` starts over.
+Stages are restartable (:mod:`onnxdns.workflows.stages`, records in ``<work>/stages/``): a stage
+whose settings and input files match its record and whose model is unchanged is skipped; an
+interrupted training stage resumes from its checkpoint; a stage whose settings changed is redone,
+and so is every stage that reads its model (so several prune ratios share one sparsity training).
+``fresh=True`` starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import onnx
-
 from onnxdns import modelio, pipelines
 from onnxdns.errors import OnnxdnsError
 from onnxdns.stats import model_stats
 from onnxdns.training.config import DATASETS, DEFAULT_SLIM_LAMBDA
+from onnxdns.workflows.evaluate import evaluate as evaluate_model
+from onnxdns.workflows.optimize import optimize
+from onnxdns.workflows.stages import Stage
 
-MANIFEST = "slim.json"
-#: The stages whose models are kept and reused (``optimize`` always runs: it writes the output).
-CACHED_STAGES = ("sparse", "prune", "finetune")
+#: Stage records of a work folder (``<work>/stages/<stage>.json``); ``optimize`` always runs.
+STAGES_DIR = "stages"
 #: Training settings of both training stages unless given (the reference's CIFAR recipe:
 #: SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 64; cosine instead of step decay).
 TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
@@ -130,8 +128,8 @@ def slim(
     ``evaluate`` measures each stage's test accuracy with onnxruntime. Bad input raises
     :class:`OnnxdnsError`.
     """
-    from onnxdns import api
     from onnxdns.passes.fold_channel_scales import FoldChannelScalesPass
+    from onnxdns.workflows.train import train_stage
     from onnxdns.passes.slim_channels import SlimChannelsPass
     from onnxdns.training import TrainConfig
 
@@ -158,19 +156,13 @@ def slim(
     round_to = ROUND_TO[target] if round_to is None else round_to
     if round_to < 1 or min_keep < 1 or not 0.0 <= min_keep_ratio <= 1.0:
         raise OnnxdnsError("round_to and min_keep must be >= 1, min_keep_ratio in [0, 1]")
-    if out.is_dir():
-        raise OnnxdnsError(f"{out}: is a directory; give an output file name")
-    if not out.parent.exists():
-        raise OnnxdnsError(f"{out.parent}: output folder does not exist")
-    if out.resolve() == src.resolve():
-        raise OnnxdnsError(f"{out}: the output path is the input model; choose another output path")
-    modelio.check_output_file(out)
+    modelio.check_output(out, src)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.stem}.slim")
 
     shared = {**TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}, "data": data}
     lr = TRAIN_DEFAULTS["lr"] if lr is None else lr
     settings = {
-        "sparse": {"input_sha256": modelio.file_sha256(src), **shared, "method": "slim", "epochs": epochs, "lr": lr,
+        "sparse": {**shared, "method": "slim", "epochs": epochs, "lr": lr,
                    "slim_lambda": slim_lambda, "smooth_l1": smooth_l1},
         "prune": {"ratio": None if threshold is not None else prune_ratio, "threshold": threshold,
                   "min_keep": min_keep, "min_keep_ratio": min_keep_ratio, "round_to": round_to},
@@ -178,151 +170,96 @@ def slim(
                      "epochs": epochs if finetune_epochs is None else finetune_epochs,
                      "lr": lr if finetune_lr is None else finetune_lr},
     }
-    stages = _Stages(work, settings, fresh=fresh)
+    _prepare_work_dir(work, fresh)
     runtime_opts = {"progress": progress, "threads": threads, "data_dir": data_dir}
     # per-stage test accuracy: the built-in data sets' test split (user data: the training stages'
     # validation figures are in each stage's history)
-    dataset = _test_set(data, data_dir) if evaluate and data in DATASETS else None
+    test_data = data if evaluate and data in DATASETS else None
     input_model = modelio.load_model(src)
     input_stats = model_stats(input_model)
     records: list[StageRecord] = []
+    sparse, pruned, finetuned = work / "sparse.onnx", work / "pruned.onnx", work / "finetuned.onnx"
 
-    def finish(interrupted: bool, optimized=None) -> SlimResult:
-        return SlimResult(src, None if interrupted else out, work, input_stats.params, input_stats.macs, records,
-                          optimized, interrupted, time.perf_counter() - start)
+    def measured(path: Path, details: dict[str, Any], seconds: float, accuracy: float | None = None) -> dict:
+        stats = model_stats(modelio.load_model(path))
+        if accuracy is None and test_data is not None:
+            accuracy = evaluate_model(path, test_data, split="test", data_dir=data_dir, batch_size=500,
+                                threads=threads).accuracy
+        return {"seconds": round(seconds, 2), "params": stats.params, "macs": stats.macs, "accuracy": accuracy,
+                "details": details}
 
-    # 1. sparsity training
-    sparse = work / "sparse.onnx"
-    record = stages.reuse("sparse", sparse)
-    if record is None:
-        t0 = time.perf_counter()
-        options = {k: v for k, v in settings["sparse"].items() if k != "input_sha256"}
-        result = train_stage(src, sparse, work / "sparse.ckpt", options, **runtime_opts)
-        if result.interrupted:
-            return finish(True)
-        record = stages.done("sparse", sparse, time.perf_counter() - t0, dataset,
-                             {"steps": result.steps, **result.method_summary.get("slim", {}),
-                              "history": [dataclasses.asdict(h) for h in result.history]})
-    records.append(record)
+    def training(name: str, src_model: Path, dst: Path, **teacher: Any):
+        def run() -> dict:
+            t0 = time.perf_counter()
+            result = train_stage(src_model, dst, work / f"{name}.ckpt", settings[name], **teacher, **runtime_opts)
+            if result.interrupted:
+                raise _Interrupted
+            details = {"steps": result.steps, **result.method_summary.get("slim", {}),
+                       "history": [dataclasses.asdict(h) for h in result.history]}
+            return measured(dst, details, time.perf_counter() - t0)
+        return run
 
-    # 2. channel pruning
-    pruned = work / "pruned.onnx"
-    record = stages.reuse("prune", pruned)
-    if record is None:
+    def prune() -> dict:
         t0 = time.perf_counter()
         p = settings["prune"]
-        pass_ = SlimChannelsPass(p["ratio"], p["threshold"], min_keep=min_keep, min_keep_ratio=min_keep_ratio,
-                                 round_to=round_to)
-        applied = pass_.apply(modelio.load_model(sparse))
+        applied = SlimChannelsPass(p["ratio"], p["threshold"], min_keep=min_keep, min_keep_ratio=min_keep_ratio,
+                                   round_to=round_to).apply(modelio.load_model(sparse))
         if not applied.details.get("total_pruned_channels"):
             raise OnnxdnsError(f"slim-channels pruned no channel of {src} ({applied.details.get('reason', 'threshold too low')})")
         # the inserted channel scales (convs without BatchNorm) go into their convs' weights
         modelio.save_model(FoldChannelScalesPass()(applied.model), pruned)
-        record = stages.done("prune", pruned, time.perf_counter() - t0, dataset, applied.details)
-    records.append(record)
+        return measured(pruned, applied.details, time.perf_counter() - t0)
 
-    # 3. fine-tuning
-    finetuned = work / "finetuned.onnx"
-    record = stages.reuse("finetune", finetuned)
-    if record is None:
-        t0 = time.perf_counter()
-        # distillation learns from the input model, not from the pruned one
-        result = train_stage(pruned, finetuned, work / "finetune.ckpt", settings["finetune"], teacher=src,
-                             **runtime_opts)
-        if result.interrupted:
-            return finish(True)
-        record = stages.done("finetune", finetuned, time.perf_counter() - t0, dataset,
-                             {"steps": result.steps, "history": [dataclasses.asdict(h) for h in result.history]})
-    records.append(record)
+    folder = work / STAGES_DIR
+    plan = [
+        # 1. sparsity training; 2. channel pruning; 3. fine-tuning (distillation learns from the
+        # input model, not from the pruned one)
+        Stage("sparse", settings["sparse"], [src], [sparse], training("sparse", src, sparse), folder),
+        Stage("prune", settings["prune"], [sparse], [pruned], prune, folder),
+        Stage("finetune", settings["finetune"], [pruned, src], [finetuned],
+              training("finetune", pruned, finetuned, teacher=src), folder),
+    ]
+    for stage in plan:
+        try:
+            record = stage()
+        except _Interrupted:
+            return SlimResult(src, None, work, input_stats.params, input_stats.macs, records, None, True,
+                              time.perf_counter() - start)
+        records.append(StageRecord(name=stage.name, path=stage.outputs[0], reused=bool(stage.reused),
+                                   **{k: record[k] for k in ("seconds", "params", "macs", "accuracy", "details")}))
 
     # 4. optimize (always rerun: cheap, and it writes the output)
     t0 = time.perf_counter()
-    optimized = api.optimize(finetuned, out, target=target, validate=validate,
-                             data=_validation_data(data, finetuned, shared) if validate else "random", data_dir=data_dir,
-                             pass_options={"remove_channels": {"round_to": round_to}})
+    optimized = optimize(finetuned, out, target=target, validate=validate,
+                         data=_validation_data(data, finetuned, shared) if validate else "random", data_dir=data_dir,
+                         pass_options={"remove_channels": {"round_to": round_to}})
     details = {"validation": optimized.validation.status, "message": optimized.validation.message,
                "passes": [p.name for p in optimized.passes if p.modified]}
     comparison = optimized.validation.comparison
     known = comparison.accuracy_b if comparison is not None and comparison.accuracy_b is not None else None
-    records.append(stages.done("optimize", out, time.perf_counter() - t0, dataset, details, remember=False,
-                               accuracy=known))
-    return finish(False, optimized)
+    record = measured(out, details, time.perf_counter() - t0, accuracy=known)
+    records.append(StageRecord(name="optimize", path=out, reused=False, **record))
+    return SlimResult(src, out, work, input_stats.params, input_stats.macs, records, optimized, False,
+                      time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- stages
 
 
-class _Stages:
-    """The work folder's manifest: per stage its settings, model and measurements."""
+class _Interrupted(Exception):
+    """A training stage was interrupted (Ctrl-C): its checkpoint is saved, nothing recorded."""
 
-    def __init__(self, work: Path, settings: dict[str, dict[str, Any]], *, fresh: bool) -> None:
-        self.work, self.settings = work, settings
-        self.path = work / MANIFEST
-        if fresh and work.exists():
-            if not self.path.exists() and any(work.iterdir()):
-                raise OnnxdnsError(f"{work}: not a slim work folder (no {MANIFEST}); refusing to empty it")
-            shutil.rmtree(work)
+
+def _prepare_work_dir(work: Path, fresh: bool) -> None:
+    """Create the work folder; with ``fresh`` empty it first (only a folder this workflow made)."""
+    if fresh and work.exists():
+        if not (work / STAGES_DIR).is_dir() and any(work.iterdir()):
+            raise OnnxdnsError(f"{work}: not a slim work folder (no {STAGES_DIR}/); refusing to empty it")
+        shutil.rmtree(work)
+    try:
         work.mkdir(parents=True, exist_ok=True)
-        self.manifest: dict[str, Any] = {"stages": {}}
-        if self.path.exists():
-            try:
-                self.manifest = json.loads(self.path.read_text())
-            except ValueError as e:
-                raise OnnxdnsError(f"{self.path}: unreadable ({e}); use fresh=True to start over") from None
-        self.valid = True  # False once a stage is redone: every later stage is redone too
-
-    def key(self, name: str) -> dict[str, Any]:
-        """The settings of ``name`` and of every stage before it."""
-        upto = CACHED_STAGES[: CACHED_STAGES.index(name) + 1]
-        return {stage: self.settings[stage] for stage in upto}
-
-    def reuse(self, name: str, path: Path) -> StageRecord | None:
-        saved = self.manifest["stages"].get(name)
-        if self.valid and saved is not None and saved.get("key") == _jsonable(self.key(name)) and path.exists():
-            return StageRecord(name=name, path=path, reused=True, **saved["record"])
-        self.valid = False
-        self.manifest["stages"].pop(name, None)
-        path.unlink(missing_ok=True)
-        return None
-
-    def done(self, name: str, path: Path, seconds: float, dataset, details: dict[str, Any], *,
-             remember: bool = True, accuracy: float | None = None) -> StageRecord:
-        """Measure the stage's model (test accuracy unless given or no ``dataset``) and, with
-        ``remember``, record it in the manifest."""
-        model = modelio.load_model(path)
-        stats = model_stats(model)
-        acc = accuracy if accuracy is not None or dataset is None else evaluate_accuracy(model, dataset)
-        record = {"seconds": round(seconds, 2), "params": stats.params, "macs": stats.macs, "accuracy": acc,
-                  "details": _jsonable(details)}
-        if remember:
-            self.manifest["stages"][name] = {"key": _jsonable(self.key(name)), "record": record}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.manifest, indent=1))
-            os.replace(tmp, self.path)
-        return StageRecord(name=name, path=path, reused=False, **record)
-
-
-def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.PathLike, options: Mapping[str, Any],
-                **runtime: Any):
-    """:func:`onnxdns.training.train` of ``src`` into ``dst`` with checkpoints in ``ckpt``, resumed
-    when ``ckpt`` holds a run of the same model with the same ``options`` (``TrainConfig`` fields),
-    started again otherwise. ``runtime``: ``progress``, ``threads``, ``data_dir``, ``teacher``."""
-    from onnxdns.workflows.train import RUN_FILE, train
-
-    src, ckpt = Path(src), Path(ckpt)
-    run = ckpt / RUN_FILE
-    if run.exists():
-        try:
-            info = json.loads(run.read_text())
-            same = info["input_sha256"] == modelio.file_sha256(src) and all(
-                info["config"].get(k) == v for k, v in _jsonable(options).items())
-        except (ValueError, KeyError, TypeError):
-            same = False
-        if same:
-            return train(src, dst, resume=ckpt, **runtime)
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    return train(src, dst, checkpoint_dir=ckpt, **runtime, **options)
+    except OSError as e:
+        raise OnnxdnsError(f"{work}: cannot create the work folder: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------- measurements
@@ -335,49 +272,3 @@ def _validation_data(data: str, model: Path, options: Mapping[str, Any]):
     from onnxdns.sources import model_inputs, open_source
 
     return open_source(data, model_inputs(model), split="test", mean=options.get("mean"), std=options.get("std"))
-
-
-def _test_set(data: str, data_dir):
-    from onnxdns.data import load_dataset
-
-    try:
-        return load_dataset(data, split="test", data_dir=data_dir)
-    except OSError as e:
-        raise OnnxdnsError(f"{data} data unavailable: {e.strerror or e}") from None
-
-
-def evaluate_accuracy(model: onnx.ModelProto | str | os.PathLike, dataset, *, batch: int = 500, threads: int = 0) -> float:
-    """Top-1 accuracy of ``model`` (one input, [N, classes] output) on ``dataset`` (``.images``,
-    ``.labels``) with onnxruntime."""
-    from onnxdns import runtime
-
-    session = runtime.make_session(model, threads=threads)
-    name = session.get_inputs()[0].name
-    hits = 0
-    for i in range(0, len(dataset.labels), batch):
-        logits = session.run(None, {name: np.asarray(dataset.images[i:i + batch], dtype=np.float32)})[0]
-        hits += int(np.count_nonzero(logits.argmax(axis=1) == dataset.labels[i:i + batch]))
-    return hits / max(1, len(dataset.labels))
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as JSON reads it back (tuples become lists, numpy scalars numbers, NaN None)."""
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, (Path, os.PathLike)):
-            return str(o)
-        if isinstance(o, Mapping):
-            return dict(o)
-        return repr(o)
-
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(json.loads(json.dumps(value, default=default)))

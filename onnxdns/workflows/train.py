@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -53,6 +53,7 @@ from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.params import ParameterSet, select_parameters
 from onnxdns.training.session import TrainingSession
+from onnxdns.workflows.stages import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def train(
             options[key] = os.path.abspath(value)  # run.json names it wherever the run is resumed from
     config, input_path, output_path, ckpt_dir = _resolve(input_path, output_path, checkpoint_dir, resume, options)
     out = Path(output_path)
-    _check_output(out, input_path)
+    modelio.check_output(out, input_path)
     locks = [_lock(ckpt_dir)] if ckpt_dir.is_dir() else []  # refuses a folder another run is using
     try:
         if resume is None and (ckpt_dir / RUN_FILE).exists():  # _resolve refused a folder with a checkpoint
@@ -539,7 +540,27 @@ def _validate(config: TrainConfig) -> None:
             raise OnnxdnsError(f"{name} must be positive, got {value}")
 
 
-def _check_output(out: Path, src: Path) -> None:
-    if out.exists() and src.exists() and os.path.samefile(out, src):
-        raise OnnxdnsError(f"{out}: refusing to overwrite the input model; choose another output path")
-    modelio.check_output_file(out)
+
+
+# --------------------------------------------------------------------------- a cached stage
+
+
+def train_stage(src: str | os.PathLike, dst: str | os.PathLike, ckpt: str | os.PathLike, options: Mapping[str, Any],
+                **runtime: Any):
+    """:func:`train` of ``src`` into ``dst`` with checkpoints in ``ckpt``, resumed
+    when ``ckpt`` holds a run of the same model with the same ``options`` (``TrainConfig`` fields),
+    started again otherwise. ``runtime``: ``progress``, ``threads``, ``data_dir``, ``teacher``."""
+    src, ckpt = Path(src), Path(ckpt)
+    run = ckpt / RUN_FILE
+    if run.exists():
+        try:
+            info = json.loads(run.read_text())
+            same = info["input_sha256"] == modelio.file_sha256(src) and all(
+                info["config"].get(k) == v for k, v in jsonable(options).items())
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            return train(src, dst, resume=ckpt, **runtime)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    return train(src, dst, checkpoint_dir=ckpt, **runtime, **options)
