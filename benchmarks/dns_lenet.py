@@ -142,22 +142,6 @@ def scaled(options: dict[str, Any], factor: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- measurements
 
 
-def test_set():
-    from onnxdns.data import load_dataset
-
-    ds = load_dataset("mnist", split="test")
-    return np.ascontiguousarray(ds.images, dtype=np.float32), np.asarray(ds.labels, dtype=np.int64)
-
-
-def predict(path: Path, images: np.ndarray, threads: int) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` on ``images`` (onnxruntime, batches of 1000)."""
-    from onnxdns.runtime import make_session
-
-    sess = make_session(path, threads=threads)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i:i + 1000]})[0] for i in range(0, len(images), 1000)])
-
-
 def layer_counts(path: Path) -> dict[str, dict[str, int]]:
     """Per layer (``conv1`` for ``conv1.weight`` and ``conv1.bias``): parameters and non-zeros of
     ``W * mask`` (``W`` when the parameter carries no mask), weights and biases together."""
@@ -188,22 +172,11 @@ def summarize_counts(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
 
 
 def train_stage(name: str, src: Path, out: Path, options: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Train ``src`` into ``out``; resumes the stage's checkpoint if a previous run was cut."""
-    from onnxdns.errors import OnnxdnsError
-    from onnxdns.workflows.train import RUN_FILE, train
+    """Train ``src`` into ``out`` (the train workflow's cached stage: a cut run resumes its checkpoint)."""
+    from onnxdns.workflows.train import train_stage as workflow_train_stage
 
     ckpt = PATHS.work / f"{name}.ckpt"
-    result = None
-    if (ckpt / RUN_FILE).exists():
-        try:
-            log(f"[{name}] resuming {rel(ckpt)}")
-            result = train(src, out, resume=ckpt, threads=threads, **options)
-        except OnnxdnsError as e:
-            log(f"[{name}] cannot resume ({e}); starting over")
-            shutil.rmtree(ckpt)
-    if result is None:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        result = train(src, out, checkpoint_dir=ckpt, threads=threads, **options)
+    result = workflow_train_stage(src, out, ckpt, options, threads=threads)
     if result.interrupted:
         raise SystemExit(f"interrupted: run the benchmark again to resume from {rel(ckpt)}")
     train_seconds = sum(r.seconds for r in result.history)
@@ -212,36 +185,40 @@ def train_stage(name: str, src: Path, out: Path, options: dict[str, Any], thread
         "iterations": result.steps, "train_seconds": round(train_seconds, 1),
         "steps_per_s": round(result.steps / train_seconds, 1) if train_seconds else None,
         "history": [{"step": r.step, "lr": r.lr, "train_loss": round(r.train_loss, 5),
-                     "test_accuracy": r.test_accuracy, "density": round(r.total_density, 5)} for r in result.history],
+                     "test_accuracy": r.val_accuracy, "density": round(r.total_density, 5)} for r in result.history],
         "method_summary": {k: v for k, v in result.method_summary.items() if k != "thresholds"},
     }
 
 
-def evaluate_stage(path: Path, images: np.ndarray, labels: np.ndarray, threads: int) -> dict[str, Any]:
-    logits = predict(path, images, threads)
-    error = float(np.mean(logits.argmax(1) != labels))
-    return {"test_error": error, "file_bytes": path.stat().st_size, **summarize_counts(layer_counts(path))}
+def evaluate_stage(path: Path, threads: int) -> dict[str, Any]:
+    """Test error of the model at ``path`` on MNIST's test split (the workflows' evaluator)."""
+    from onnxdns.workflows.evaluate import evaluate
+
+    accuracy = evaluate(path, "mnist", split="test", batch_size=1000, threads=threads).accuracy
+    return {"test_error": 1.0 - accuracy, "file_bytes": path.stat().st_size, **summarize_counts(layer_counts(path))}
 
 
-def optimize_stage(masked: Path, optimized: Path, images: np.ndarray, labels: np.ndarray, threads: int) -> dict[str, Any]:
+def optimize_stage(masked: Path, optimized: Path, threads: int) -> dict[str, Any]:
+    """``onnxdns optimize`` of the masked model, then the optimized model against it on the test split."""
     from onnxdns import api
+    from onnxdns.workflows.evaluate import evaluate
 
     result = api.optimize(masked, optimized, target="cpu", validate=False)
-    a, b = predict(masked, images, threads), predict(optimized, images, threads)
-    agreement = float(np.mean(a.argmax(1) == b.argmax(1)))
+    check = evaluate(optimized, "mnist", split="test", reference=masked, batch_size=1000, threads=threads)
+    (logits,) = check.fidelity.values()
     return {
         "file_bytes": optimized.stat().st_size,
-        "test_error": float(np.mean(b.argmax(1) != labels)),
-        "top1_agreement_with_masked": agreement,
-        "max_abs_logit_diff": float(np.max(np.abs(a.astype(np.float64) - b))),
-        "logit_scale": float(np.max(np.abs(a))),
+        "test_error": 1.0 - check.accuracy,
+        "top1_agreement_with_masked": check.top1_agreement,
+        "max_abs_logit_diff": logits["max_abs_diff"],
+        "logit_scale": logits["reference_max_abs"],
         "params": result.after.params, "nonzeros": result.after.nonzeros,
         "macs": result.after.macs, "macs_masked_model": result.before.macs,
         "passes_applied": [p.name for p in result.passes if p.modified],
     }
 
 
-def run_model(model: str, threads: int, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def run_model(model: str, threads: int) -> dict[str, Any]:
     from onnxdns.models import export_model
 
     recipe = {kind: scaled(options, SCALE) for kind, options in RECIPES[model].items()}
@@ -262,12 +239,12 @@ def run_model(model: str, threads: int, images: np.ndarray, labels: np.ndarray) 
 
     def evaluation(key: str) -> Stage:
         return Stage(f"{model}-{key}-eval", {}, [files[key]], [],
-                     lambda: evaluate_stage(files[key], images, labels, threads), PATHS.stages)
+                     lambda: evaluate_stage(files[key], threads), PATHS.stages)
 
     def optimization(kind: str) -> Stage:
         masked, optimized = files[f"{kind}-masked"], files[f"{kind}-optimized"]
         return Stage(f"{model}-{kind}-optimize", {"target": "cpu"}, [masked], [optimized],
-                     lambda: optimize_stage(masked, optimized, images, labels, threads), PATHS.stages)
+                     lambda: optimize_stage(masked, optimized, threads), PATHS.stages)
 
     report: dict[str, Any] = {"model": model, "published": PUBLISHED[model], "recipes": {}}
     dense_train = training("dense", init, recipe["dense"])()
@@ -419,7 +396,8 @@ def _ok(flag: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: lenet-5,lenet-300-100")
-    parser.add_argument("--fresh", action="store_true", help="redo every stage (delete cached stages and files)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="redo every stage of the models run (delete their cached stages and files)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for training and inference")
     parser.add_argument("--no-throughput", action="store_true", help="skip the training throughput comparison")
     parser.add_argument("--throughput-rounds", type=int, default=2)
@@ -435,12 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.fresh:
-        shutil.rmtree(PATHS.files, ignore_errors=True)
+        for model in models:
+            for folder in (PATHS.files, PATHS.stages, PATHS.work):
+                for path in folder.glob(f"{model}-*"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
     PATHS.files.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    images, labels = test_set()
-    reports = [run_model(model, args.threads, images, labels) for model in models]
+    old = json.loads(PATHS.report.read_text()) if PATHS.report.exists() else {}
+    previous = old.get("models", [])
+    fresh = {model: {**run_model(model, args.threads), "date": time.strftime("%Y-%m-%d %H:%M:%S")} for model in models}
+    # models not run this time keep their previous report (each model's "date" says when it ran)
+    reports = [fresh[m] for m in MODELS if m in fresh] + [m for m in previous if m["model"] not in fresh]
+    reports.sort(key=lambda r: MODELS.index(r["model"]))
     report: dict[str, Any] = {
         "benchmark": "dns_lenet",
         "command": "python benchmarks/dns_lenet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -453,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         stage = Stage("throughput", {"threads": [args.threads, 1], "rounds": args.throughput_rounds}, [], [],
                       lambda: throughput([args.threads, 1], args.throughput_rounds, args.quick), PATHS.stages)
         report["throughput"] = stage()
+    elif "throughput" in old:
+        report["throughput"] = old["throughput"]
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     report["stage_seconds_total"] = round(_stage_seconds(report), 1)
     out = PATHS.report

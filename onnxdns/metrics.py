@@ -38,8 +38,9 @@ class Fidelity:
     """How closely outputs follow a reference's, over every sample seen (samples on axis 0).
 
     Per output: ``relative_l2 = ||y - r|| / ||r||`` over all elements (float64), ``cosine`` the mean
-    over samples of ``<y_i, r_i> / (||y_i|| ||r_i||)`` (1 when both are zero, 0 when only one is)
-    and, for classifier outputs, ``top1_agreement``: the fraction of samples whose arg-max agrees.
+    over samples of ``<y_i, r_i> / (||y_i|| ||r_i||)`` (1 when both are zero, 0 when only one is),
+    ``max_abs_diff`` (the largest ``|y - r|``) and ``reference_max_abs`` (the largest ``|r|``: the
+    scale the difference compares with) and, for classifier outputs, ``top1_agreement``: the fraction of samples whose arg-max agrees.
     Classifier outputs are the names in ``classifiers``, or by default those of shape
     ``[batch, classes]`` (see :func:`is_classifier`).
     """
@@ -47,6 +48,7 @@ class Fidelity:
     def __init__(self, classifiers: set[str] | None = None) -> None:
         self.classifiers = classifiers
         self.sums: dict[str, np.ndarray] = {}  # name -> [sum (y-r)^2, sum r^2, sum of per-sample cosines, samples]
+        self.max_abs: dict[str, np.ndarray] = {}  # name -> [max |y - r|, max |r|]
         self.agree: dict[str, int] = {}
 
     def update(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
@@ -63,15 +65,19 @@ class Fidelity:
                            np.where((ny == 0) & (nr == 0), 1.0, 0.0))
             s = self.sums.setdefault(name, np.zeros(4))
             s += [np.sum((y - r) ** 2), np.sum(r * r), np.sum(cos), n]
+            m = self.max_abs.setdefault(name, np.zeros(2))
+            if y.size:
+                m[:] = np.maximum(m, [np.max(np.abs(y - r)), np.max(np.abs(r))])
             if (name in self.classifiers) if self.classifiers is not None else is_classifier(r):
                 self.agree[name] = self.agree.get(name, 0) + int(np.count_nonzero(y.argmax(-1) == r.argmax(-1)))
 
     def result(self) -> dict[str, dict[str, float]]:
-        """``{name: {"relative_l2", "cosine"[, "top1_agreement"]}}``."""
+        """``{name: {"relative_l2", "cosine", "max_abs_diff", "reference_max_abs"[, "top1_agreement"]}}``."""
         out: dict[str, dict[str, float]] = {}
         for name, (diff, ref, cos, n) in self.sums.items():
             row = {"relative_l2": math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf),
-                   "cosine": float(cos / n) if n else 1.0}
+                   "cosine": float(cos / n) if n else 1.0,
+                   "max_abs_diff": float(self.max_abs[name][0]), "reference_max_abs": float(self.max_abs[name][1])}
             if name in self.agree:
                 row["top1_agreement"] = self.agree[name] / n
             out[name] = row

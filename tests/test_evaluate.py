@@ -48,7 +48,9 @@ def test_accuracy_and_fidelity_match_numpy(tmp_path, data):
     per_sample = np.sum(got * ref, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert row["cosine"] == pytest.approx(per_sample.mean(), rel=1e-5)
     assert result.top1_agreement == pytest.approx(np.mean(got.argmax(1) == ref.argmax(1)))
-    assert result.fidelity["map"] == {"relative_l2": 0.0, "cosine": pytest.approx(1.0)}  # the same Relu
+    assert result.fidelity["map"]["relative_l2"] == 0.0 and result.fidelity["map"]["max_abs_diff"] == 0.0  # same Relu
+    assert result.fidelity["map"]["cosine"] == pytest.approx(1.0)
+    assert row["max_abs_diff"] == pytest.approx(np.max(np.abs(got - ref)), rel=1e-5)
     assert 0 < row["relative_l2"] and row["cosine"] < 1
 
 
