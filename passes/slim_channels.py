@@ -33,8 +33,9 @@ class SlimChannelsPass(GraphPass):
     zeroing the selected gammas (small after sparsity training) plus the border effect; the
     network is meant to be fine-tuned afterwards.
 
-    Selection: a global threshold on |gamma|, given (``threshold``) or taken as the ``ratio``
-    quantile over every prunable BN or scale channel. Channels tied together (residual adds,
+    Selection: a global threshold on |gamma|, given (``threshold``), or by rank: the lowest-scoring
+    groups holding the ``ratio`` share of every prunable BN or scale channel (ties broken by graph
+    order; the threshold recorded is then the lowest kept score). Channels tied together (residual adds,
     concat members, depthwise convs, grouped convs, SE-style channel Muls) form groups scored by
     the mean |gamma| of their BN and scale channels and are pruned whole or not at all; groups
     without a BatchNorm or scale, or pinned by the
@@ -73,8 +74,23 @@ class SlimChannelsPass(GraphPass):
         if threshold is None:
             return PassReport(model, False, {"threshold": None, "pruned_channels": {},
                                              "reason": "no prunable BatchNorm or channel-scale channels"})
+        chosen = None
+        if self.threshold is None and model.metadata_props.get(METADATA_KEY) is None:
+            # by rank: the lowest-scoring groups holding a `ratio` share of the channels, ties broken
+            # by graph order (a quantile threshold prunes nothing when many scales are equal)
+            chosen, count = set(), 0
+            for root in sorted((r for r in members if r not in hard_pins), key=lambda r: (scores[r], r)):
+                if count >= self.ratio * len(prunable):
+                    break
+                chosen.add(root)
+                count += len(members[root])
+            if chosen:
+                ranked = max(scores[r] for r in chosen)
+                kept = [scores[r] for r in members if r not in hard_pins and r not in chosen]
+                # recorded for a second run (which prunes scores strictly below it): the lowest kept score
+                threshold = float(min(kept)) if kept else float(np.nextafter(np.float32(ranked), np.float32(np.inf)))
         decision = g.decide(
-            lambda root: root in scores and scores[root] < threshold,
+            lambda root: root in scores and (root in chosen if chosen is not None else scores[root] < threshold),
             min_keep=self.min_keep, min_keep_ratio=self.min_keep_ratio, round_to=self.round_to,
             priority=lambda root: scores.get(root, np.inf), lossy=True,
         )

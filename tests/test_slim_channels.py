@@ -130,3 +130,21 @@ def test_model_without_batchnorm_is_left_alone():
     proto = export_module(build("lenet-5"), INPUT_SHAPES["lenet-5"])
     result = SlimChannelsPass().apply(proto)
     assert not result.modified
+
+
+def test_a_ratio_prunes_its_share_even_when_every_scale_is_equal():
+    """After a few steps of sparsity training every gamma can still be equal: a quantile threshold
+    would prune nothing; the ratio is a share of the channels, ties broken by graph order."""
+    from onnx import numpy_helper
+
+    from onnxdns.passes.insert_channel_scales import InsertChannelScalesPass
+    from test_sources import conv_model
+
+    model = InsertChannelScalesPass()(conv_model(16))
+    for t in model.graph.initializer:
+        if t.name.endswith(".slim_scale"):
+            t.CopyFrom(numpy_helper.from_array(np.full(tuple(t.dims), 0.99, np.float32), t.name))
+    result = SlimChannelsPass(0.5, min_keep_ratio=0.0).apply(model)
+    assert 10 <= result.details["total_pruned_channels"] <= 12  # about half of 8 + 16 (not none)
+    again = SlimChannelsPass(0.5, min_keep_ratio=0.0).apply(result.model)
+    assert not again.modified  # the recorded threshold keeps every remaining channel
