@@ -119,7 +119,7 @@ def test_bad_input_is_one_line_error(models, tmp_path):
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     cases = [
         (dict(input_path=tmp_path / "missing.onnx", output_path=tmp_path / "o.onnx"), "no such file"),
-        (dict(input_path=src, output_path=src), "refusing to overwrite the input"),
+        (dict(input_path=src, output_path=src), "the output path is the input model"),
         (dict(input_path=src, output_path=tmp_path / "o.onnx", method="obd"), "unknown method"),
         (dict(input_path=src, output_path=tmp_path / "o.onnx", momentum=1.0), "momentum"),
         (dict(input_path=src, output_path=tmp_path / "nodir" / "o.onnx"), "does not exist"),
