@@ -190,3 +190,21 @@ def test_folder_source_feeds_what_rapidocr_feeds(data):
     for k, f in enumerate(source.files):
         img = load(str(f))
         np.testing.assert_allclose(x[k:k + 1], detector.get_preprocess(max(img.shape[:2]))(img), rtol=0, atol=1e-6)
+
+
+def test_benchmark_counts_macs_at_the_task_size():
+    """The files leave height and width open (the classifier's batch is even -1): MACs are
+    counted with the input fixed to the task's size, and scale with the page area."""
+    import ocr
+
+    cls = ocr.stats(model_path("ocr-cls"), "cls")
+    det = ocr.stats(model_path("ocr-det"), "det")
+    assert 10e6 < cls["macs"] < 30e6
+    assert det["macs_complete"] and det["macs"] > 1e9
+    original_page = ocr.SHAPES["det"]
+    try:
+        ocr.SHAPES["det"] = (3, 2 * ocr_data.PAGE, 2 * ocr_data.PAGE)
+        big = ocr.stats(model_path("ocr-det"), "det")
+    finally:
+        ocr.SHAPES["det"] = original_page
+    assert big["macs"] == pytest.approx(4 * det["macs"], rel=0.01)
