@@ -80,7 +80,8 @@ def classifier_accuracy(model: Any, folder: Any, *, batch_size: int = 64, thread
             per_class[c][0] += int((pred[mask] == k).sum())
             per_class[c][1] += int(mask.sum())
     return {"accuracy": correct / total, "correct": correct, "samples": total,
-            "per_class": {c: v[0] / v[1] if v[1] else None for c, v in per_class.items()}}
+            "per_class": {c: v[0] / v[1] if v[1] else None for c, v in per_class.items()},
+            "class_samples": {c: v[1] for c, v in per_class.items()}}
 
 
 def classifier_agreement(model_a: Any, model_b: Any, folder: Any, *, batch_size: int = 64) -> float:

@@ -94,8 +94,11 @@ def test_original_classifier_reads_the_rendered_lines(data):
     total = sum(a["samples"] for a in accuracies)
     assert total == 160
     assert correct / total >= 0.93, accuracies
-    # and it is a real classification: labels swapped would give the complement
-    assert ocr_metrics.session(model_path("ocr-cls")).get_outputs()[0].shape[-1] == len(ocr_data.CLASSES)
+    # both directions are read (class folders in the model's label order: swapped, both would fail)
+    for c in ocr_data.CLASSES:
+        n = sum(a["class_samples"][c] for a in accuracies)
+        hits = sum(a["per_class"][c] * a["class_samples"][c] for a in accuracies)
+        assert n and hits / n >= 0.85, (c, accuracies)
 
 
 def test_original_detector_finds_the_drawn_lines(data):
