@@ -26,7 +26,9 @@ Rows (``--methods``, default ``optimize,sparse-lowrank``; ``original`` is always
   (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``, ``loss="ce"`` for the
   classifier, ``"distill"`` for the detector) and then optimized. They need the data interface of
   issue 11 in ``train``/``slim``; a row whose API call is refused is reported as not run, with
-  the reason.
+  the reason. ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` / ``--det-ft-target`` (further
+  than the split alone keeps on val) and records the val fidelity before fine-tuning.
+  A run of some ``--methods`` keeps the JSON's other rows measured on the same original and data.
 
 Targets (issue 11): classifier >= 2x fewer MACs at <= 1 pt accuracy loss; detector >= 1.5x
 CPU speed-up at batch 1 with mean map IoU >= 0.9. The JSON states whether each row meets them.
@@ -318,16 +320,18 @@ def row_slim(original: Path, out: Path, kind: str, data: Path, args, cache: dict
 
 
 def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """sparse-lowrank at ``--{kind}-ft-target`` (beyond what the split alone keeps on val: the
+    fine-tuning recovers the rest), fine-tuned (``method="none"``), then optimized."""
     train = _require("train")
-    split = cache.get("sparse_lowrank_file")  # the sparse-lowrank row's model when that row ran
-    details = {"from": "the sparse-lowrank row"}
-    if split is None:
-        split = out.with_suffix(".split.onnx")
-        details = row_sparse_lowrank(original, split, kind, data, args, cache)
+    split = out.with_suffix(".split.onnx")
+    target = args.ft_target[kind]
+    details = _sparse_lowrank(original, split, kind, data, args, target)
+    details["val_before_finetuning"] = round(val_fidelity(kind, split, original, data, cache), 4)
     options = _train_options(kind, data, args)
     trained = out.with_suffix(".trained.onnx")
     train(split, trained, method="none", **options)
     _optimized(trained, out, kind, data)
+    split.unlink()
     trained.unlink()
     return {"sparse_lowrank": details, "train": options}
 
@@ -352,8 +356,6 @@ def run_row(name: str, kind: str, original: Path, data: Path, args, cache: dict,
             return {"status": "not run", "reason": f"{type(e).__name__}: {e}"}
         raise
     os.replace(tmp, out)
-    if name == "sparse-lowrank":
-        cache["sparse_lowrank_file"] = out
     row = {"status": "ok", "file": str(out.relative_to(ROOT)), "seconds": round(time.perf_counter() - t0, 1),
            "details": details, "stats": stats(out, kind)}
     if row["stats"]["file_bytes"] > MAX_FILE_BYTES:
@@ -382,8 +384,6 @@ def run_model(kind: str, data: Path, args, previous: dict | None = None) -> dict
     if previous and previous.get("data") == data_key(data) and \
             previous.get("rows", {}).get("original", {}).get("sha256") == base["sha256"]:
         kept = {n: r for n, r in previous["rows"].items() if n != "original" and n not in args.methods}
-    if kept.get("sparse-lowrank", {}).get("status") == "ok":
-        cache["sparse_lowrank_file"] = ROOT / kept["sparse-lowrank"]["file"]
     for name in METHODS:
         if name in args.methods:
             rows[name] = run_row(name, kind, original, data, args, cache, base)
@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse-lowrank targets tried for the classifier (cost macs: MAC ratios; default 1.5,2,3)")
     p.add_argument("--det-targets", default="1.5,2",
                    help="sparse-lowrank targets tried for the detector (cost latency; default 1.5,2)")
+    p.add_argument("--cls-ft-target", type=float, default=2.5, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--det-ft-target", type=float, default=3.0, help="sparse-lowrank target before fine-tuning")
     p.add_argument("--cls-calib-samples", type=int, default=256, help="calibration lines (default 256)")
     p.add_argument("--det-calib-samples", type=int, default=32, help="calibration pages (default 32)")
     p.add_argument("--latency-seconds", type=float, default=3.0,
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown model or method: {', '.join(bad)}")
     args.targets = {"cls": [float(t) for t in args.cls_targets.split(",")],
                     "det": [float(t) for t in args.det_targets.split(",")]}
+    args.ft_target = {"cls": args.cls_ft_target, "det": args.det_ft_target}
     args.calib_samples = {"cls": args.cls_calib_samples, "det": args.det_calib_samples}
     # The issue's targets: classifier MACs (cost model macs, no latency check: a 1 ms model whose
     # time is overhead would have every split undone), detector CPU time (cost model latency, and
