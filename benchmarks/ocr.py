@@ -1,0 +1,471 @@
+"""Proof benchmark of issue 11: compress two trained OCR models the project did not produce
+(the text-direction classifier and the text detector of the ``rapidocr-onnxruntime`` wheel) with
+images rendered here (``benchmarks/ocr_data.py``), and measure every result with onnxruntime.
+
+Per model and row: parameters, MACs (batch 1 at the task's image size: 3 x 48 x 192 lines,
+3 x 480 x 480 pages), file size, onnxruntime CPU latency of the row side by side with the
+original in one process (interleaved repeats, medians; :func:`onnxdns.lowrank.speed.measure`) at
+batch 1 and at the task batch (6 lines: rapidocr's ``cls_batch_num``; 4 pages: a short
+document), and fidelity on the held-out ``test`` split: classifier accuracy next to the
+original's (and top-1 agreement with it), detector mean IoU of the binarised probability maps
+and box F1 against the original (``benchmarks/ocr_metrics.py``). Recipe choices read only
+``train`` (calibration, training) and ``val`` (validation); ``test`` is only reported.
+
+Rows (``--methods``, default ``optimize,sparse-lowrank``; ``original`` is always measured):
+
+* ``optimize``: ``onnxdns optimize`` (the exact cpu pipeline);
+* ``sparse-lowrank``: the sparse-lowrank pass calibrated on the rendered ``train`` folder, then
+  the cpu pipeline (``onnxdns.api.optimize(passes=["sparse-lowrank", *cpu])``), at each target of
+  ``--cls-targets`` / ``--det-targets``; kept is the largest target whose model meets the rule on
+  the ``val`` split (classifier: val accuracy loss <= 1 pt; detector: val mean map IoU >= 0.9),
+  else the smallest. The classifier's targets are MAC ratios (cost model ``macs``, the pass's
+  latency check off: its target is MACs); the detector's are CPU speed-ups (cost model
+  ``latency``, and the pass undoes the splits it does not measure faster);
+* ``dns``, ``slim``, ``sparse-lowrank-ft``: Dynamic Network Surgery, Network Slimming through
+  inserted channel scales, sparse-lowrank then fine-tuning, each trained from the rendered folders
+  (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``, ``loss="ce"`` for the
+  classifier, ``"distill"`` for the detector) and then optimized. They need the data interface of
+  issue 11 in ``train``/``slim``; a row whose API call is refused is reported as not run, with
+  the reason. ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` / ``--det-ft-target`` (further
+  than the split alone keeps on val) and records the val fidelity before fine-tuning.
+  A run of some ``--methods`` keeps the JSON's other rows measured on the same original and data.
+
+Targets (issue 11): classifier >= 2x fewer MACs at <= 1 pt accuracy loss; detector >= 1.5x
+CPU speed-up at batch 1 with mean map IoU >= 0.9. The JSON states whether each row meets them.
+The ONNX files of the rows are kept in ``benchmarks/results/ocr/`` (each at most 10 MB); the
+originals are the wheel's files (path and SHA-256 in the JSON).
+
+    python benchmarks/ocr.py                       # data in benchmarks/results/ocr/data (rendered if absent)
+    python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ocr_data  # noqa: E402
+import ocr_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT_DIR = RESULTS / "ocr"
+MAX_FILE_BYTES = 10 * 2 ** 20
+WHEEL_MODELS = {"cls": "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "det": "models/ch_PP-OCRv4_det_infer.onnx"}
+#: (channels, height, width) of one sample, and the task batch, per model.
+SHAPES = {"cls": (3, ocr_data.LINE_H, ocr_data.LINE_W), "det": (3, ocr_data.PAGE, ocr_data.PAGE)}
+TASK_BATCH = {"cls": 6, "det": 4}
+TRAIN_METHODS = ("dns", "slim", "sparse-lowrank-ft")
+METHODS = ("optimize", "sparse-lowrank", *TRAIN_METHODS)
+
+log = logging.getLogger("ocr")
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+def wheel_model(kind: str) -> Path:
+    """The original model file inside the installed rapidocr-onnxruntime wheel (found through the
+    distribution's file list, as tests/realmodels.py finds it; the package is not imported)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("rapidocr-onnxruntime") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    want = f"rapidocr_onnxruntime/{WHEEL_MODELS[kind]}"
+    path = next((Path(f.locate()) for f in files if str(f).replace("\\", "/") == want), None)
+    if path is None or not path.is_file():
+        raise SystemExit("ocr: error: rapidocr-onnxruntime 1.4.4 is not installed (scripts/setup.sh installs it "
+                         "with pip install --no-deps)")
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_data(folder: Path, seed: int, lines: int, pages: int) -> dict:
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        stored = json.loads(manifest.read_text())
+        if (stored["seed"], stored["lines"], stored["pages"]) != (seed, lines, pages):
+            raise SystemExit(f"ocr: error: {folder} holds data for seed {stored['seed']}, {stored['lines']} lines, "
+                             f"{stored['pages']} pages; give another --data folder")
+        return stored
+    log.info("rendering %d lines and %d pages into %s", lines, pages, folder)
+    return ocr_data.generate(folder, seed=seed, lines=lines, pages=pages)
+
+
+def folder(data: Path, kind: str, split: str) -> Path:
+    return data / kind / split
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def static_copy(path: Path, kind: str) -> onnx.ModelProto:
+    """The model with its input fixed to [1, C, H, W] of the task (the files leave H and W open):
+    MACs are counted at that size."""
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, *SHAPES[kind])):
+        dim.Clear()
+        dim.dim_value = value
+    return model
+
+
+def stats(path: Path, kind: str) -> dict:
+    from onnxdns.stats import model_stats
+
+    s = model_stats(static_copy(path, kind), file_bytes=path.stat().st_size)
+    return {"params": s.params, "nonzeros": s.nonzeros, "macs": s.macs, "macs_complete": s.macs_complete,
+            "nodes": s.nodes, "file_bytes": s.file_bytes}
+
+
+def latency(original: Path, candidate: Path, kind: str, data: Path, threads: int, seconds: float) -> dict:
+    """Median ms of both models side by side at batch 1 and the task batch, on val images."""
+    from onnxdns.lowrank.calibration import Inputs
+    from onnxdns.lowrank.speed import measure
+
+    source = ocr_metrics.open_folder(folder(data, kind, "val"), original, kind)
+    batch = next(source.batches(TASK_BATCH[kind]))
+    name, array = next(iter(batch.inputs.items()))
+    inputs = Inputs({name: array}, {name: 0})
+    timings = measure(onnx.load(str(original)), onnx.load(str(candidate)), inputs, (1, TASK_BATCH[kind]),
+                      threads=threads, seconds=seconds)
+    return {str(b): {"original_ms": t["input_ms"], "row_ms": t["candidate_ms"], "speedup": t["speedup"],
+                     "repeats": t["repeats"]} for b, t in timings.items()}
+
+
+def fidelity(kind: str, candidate: Path, original: Path, data: Path, cache: dict) -> dict:
+    """Held-out (test split) fidelity of ``candidate``; the original's numbers are cached."""
+    test = folder(data, kind, "test")
+    if kind == "cls":
+        acc = ocr_metrics.classifier_accuracy(candidate, test)
+        out = {"test_accuracy": round(acc["accuracy"], 4), "test_samples": acc["samples"],
+               "per_class": {c: round(v, 4) for c, v in acc["per_class"].items()}}
+        if candidate != original:
+            out["agreement_with_original"] = round(ocr_metrics.classifier_agreement(candidate, original, test), 4)
+        return out
+    if "original_maps" not in cache:
+        cache["original_maps"] = ocr_metrics.detector_maps(original, test)
+    maps = cache["original_maps"] if candidate == original else ocr_metrics.detector_maps(candidate, test)
+    out = ocr_metrics.detector_fidelity(maps, cache["original_maps"])
+    out["test_pages"] = int(len(maps))
+    return out
+
+
+def targets(kind: str, row: dict, original: dict) -> dict:
+    if kind == "cls":
+        mac_ratio = original["stats"]["macs"] / max(row["stats"]["macs"], 1)
+        loss_pts = 100 * (original["fidelity"]["test_accuracy"] - row["fidelity"]["test_accuracy"])
+        return {"mac_reduction": round(mac_ratio, 3), "accuracy_loss_pts": round(loss_pts, 2),
+                "met": bool(mac_ratio >= 2.0 and loss_pts <= 1.0),
+                "target": ">= 2x fewer MACs at <= 1 pt accuracy loss"}
+    speedup = row["latency"]["1"]["speedup"]
+    iou = row["fidelity"]["mean_map_iou"]
+    return {"speedup_batch1": speedup, "mean_map_iou": iou, "met": bool(speedup >= 1.5 and iou >= 0.9),
+            "target": ">= 1.5x CPU speed-up at batch 1 with mean map IoU >= 0.9"}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _cpu_passes() -> list[str]:
+    from onnxdns.pipelines import pipeline_names
+
+    return pipeline_names("cpu")
+
+
+def _val_source(original: Path, kind: str, data: Path):
+    return ocr_metrics.open_folder(folder(data, kind, "val"), original, kind)
+
+
+def _validation(result) -> dict:
+    v = result.validation
+    out = {"status": v.status, "message": v.message}
+    if v.comparison is not None:
+        out["comparison"] = str(v.comparison)[:300]
+    return out
+
+
+def row_optimize(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    from onnxdns.api import optimize
+
+    result = optimize(original, out, target="cpu", data=_val_source(original, kind, data))
+    return {"passes_modified": [r.name for r in result.passes if r.modified], "validation": _validation(result)}
+
+
+def val_fidelity(kind: str, candidate: Path, original: Path, data: Path, cache: dict) -> float:
+    """The number a recipe choice may read: val accuracy (classifier) or val mean map IoU (detector)."""
+    val = folder(data, kind, "val")
+    if kind == "cls":
+        return ocr_metrics.classifier_accuracy(candidate, val)["accuracy"]
+    if "original_val_maps" not in cache:
+        cache["original_val_maps"] = ocr_metrics.detector_maps(original, val)
+    return ocr_metrics.mean_map_iou(ocr_metrics.detector_maps(candidate, val), cache["original_val_maps"])
+
+
+def _val_rule(kind: str, value: float, original_value: float) -> bool:
+    if kind == "cls":
+        return 100 * (original_value - value) <= 1.0
+    return value >= 0.9
+
+
+def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, target: float) -> dict:
+    from onnxdns.api import optimize
+
+    calib = ocr_metrics.open_folder(folder(data, kind, "train"), original, kind)
+    options = {"calib_data": calib, "target_speedup": target, "cost": args.cost[kind],
+               "calib_samples": args.calib_samples[kind], "cost_batch": TASK_BATCH[kind], "threads": args.threads,
+               "seed": args.seed, "speed_check": kind == "det"}
+    result = optimize(original, out, target="cpu", passes=["sparse-lowrank", *_cpu_passes()],
+                      data=_val_source(original, kind, data), pass_options={"sparse_lowrank": options})
+    details = next(r.details for r in result.passes if r.name == "sparse-lowrank")
+    check = details.get("speed_check", {})
+    return {"options": {k: v for k, v in options.items() if k != "calib_data"},
+            "calib_data": f"{folder(data, kind, 'train')} (rendered train split)",
+            "split_layers": details.get("split_layers"),
+            "speed_check": {"fallback": check.get("fallback"), "skipped": check.get("skipped"),
+                            "attempts": [{"split_layers": a["split_layers"], "latency": a["latency"],
+                                          "accepted": a["accepted"]} for a in check.get("attempts", [])]},
+            "validation": _validation(result)}
+
+
+def row_sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """The pass at each target of ``--{kind}-targets``; kept: the largest target whose model meets
+    the rule on the val split (classifier: <= 1 pt val accuracy loss; detector: val mean map IoU
+    >= 0.9), else the smallest target. Test numbers are measured on the kept model only."""
+    original_val = cache.setdefault("original_val", val_fidelity(kind, original, original, data, cache))
+    sweep = []
+    for target in args.targets[kind]:
+        path = out.with_name(f"{out.stem}.t{target:g}.tmp.onnx")
+        details = _sparse_lowrank(original, path, kind, data, args, target)
+        value = val_fidelity(kind, path, original, data, cache)
+        sweep.append({"target_speedup": target, "path": path, "val": round(value, 4),
+                      "val_rule_met": _val_rule(kind, value, original_val), "macs": stats(path, kind)["macs"],
+                      "details": details})
+        log.info("%s sparse-lowrank target %g: val %s %.4f (original %.4f), MACs %d", kind, target,
+                 "accuracy" if kind == "cls" else "map IoU", value, original_val, sweep[-1]["macs"])
+    passing = [s for s in sweep if s["val_rule_met"]]
+    chosen = max(passing, key=lambda s: s["target_speedup"]) if passing else min(sweep, key=lambda s: s["target_speedup"])
+    os.replace(chosen["path"], out)
+    for s in sweep:
+        Path(s["path"]).unlink(missing_ok=True)
+    return {"chosen_target_speedup": chosen["target_speedup"], "chosen_by": "val split",
+            "val_rule": "val accuracy loss <= 1 pt" if kind == "cls" else "val mean map IoU >= 0.9",
+            "original_val": round(original_val, 4), "val_rule_met": chosen["val_rule_met"],
+            "sweep": [{k: v for k, v in s.items() if k not in ("path", "details")} for s in sweep],
+            "details": chosen["details"]}
+
+
+def _train_options(kind: str, data: Path, args) -> dict:
+    mean, std = (ocr_data.CLS_MEAN, ocr_data.CLS_STD) if kind == "cls" else (ocr_data.DET_MEAN, ocr_data.DET_STD)
+    return {"data": str(folder(data, kind, "train")), "val_data": str(folder(data, kind, "val")),
+            "loss": "ce" if kind == "cls" else "distill", "mean": list(mean), "std": list(std),
+            "iterations": args.iterations, "batch_size": TASK_BATCH[kind] * (4 if kind == "cls" else 1),
+            "seed": args.seed, "threads": args.threads, "progress": False}
+
+
+def _require(name: str):
+    """``onnxdns.train`` or ``onnxdns.slim``, refused up front when this checkout lacks it (the
+    trained rows wait for the data interface of issue 11 there)."""
+    import onnxdns
+
+    fn = getattr(onnxdns, name, None)
+    if fn is None:
+        raise NotImplementedError(f"onnxdns.{name} is not in this checkout")
+    return fn
+
+
+def _optimized(trained: Path, out: Path, kind: str, data: Path) -> None:
+    from onnxdns.api import optimize
+
+    optimize(trained, out, target="cpu", data=_val_source(trained, kind, data))
+
+
+def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    train = _require("train")
+    trained = out.with_suffix(".trained.onnx")
+    options = _train_options(kind, data, args)
+    train(original, trained, method="dns", **options)
+    _optimized(trained, out, kind, data)
+    trained.unlink()
+    return {"train": options}
+
+
+def row_slim(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    slim = _require("slim")
+    options = _train_options(kind, data, args)
+    slim(original, out, **options)
+    return {"slim": options}
+
+
+def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """sparse-lowrank at ``--{kind}-ft-target`` (beyond what the split alone keeps on val: the
+    fine-tuning recovers the rest), fine-tuned (``method="none"``), then optimized."""
+    train = _require("train")
+    split = out.with_suffix(".split.onnx")
+    target = args.ft_target[kind]
+    details = _sparse_lowrank(original, split, kind, data, args, target)
+    details["val_before_finetuning"] = round(val_fidelity(kind, split, original, data, cache), 4)
+    options = _train_options(kind, data, args)
+    trained = out.with_suffix(".trained.onnx")
+    train(split, trained, method="none", **options)
+    _optimized(trained, out, kind, data)
+    split.unlink()
+    trained.unlink()
+    return {"sparse_lowrank": details, "train": options}
+
+
+ROWS: dict[str, Callable[..., dict]] = {
+    "optimize": row_optimize, "sparse-lowrank": row_sparse_lowrank, "dns": row_dns, "slim": row_slim,
+    "sparse-lowrank-ft": row_sparse_lowrank_ft,
+}
+
+
+def run_row(name: str, kind: str, original: Path, data: Path, args, cache: dict, base: dict) -> dict:
+    out = OUT_DIR / f"{kind}_{name}.onnx"
+    t0 = time.perf_counter()
+    tmp = out.with_suffix(".tmp.onnx")
+    tmp.unlink(missing_ok=True)
+    try:
+        details = ROWS[name](original, tmp, kind, data, args, cache)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if name in TRAIN_METHODS:  # the data interface of train/slim (issue 11) may not be there yet
+            log.warning("%s %s not run: %s: %s", kind, name, type(e).__name__, e)
+            return {"status": "not run", "reason": f"{type(e).__name__}: {e}"}
+        raise
+    os.replace(tmp, out)
+    row = {"status": "ok", "file": str(out.relative_to(ROOT)), "seconds": round(time.perf_counter() - t0, 1),
+           "details": details, "stats": stats(out, kind)}
+    if row["stats"]["file_bytes"] > MAX_FILE_BYTES:
+        raise SystemExit(f"ocr: error: {out} is {row['stats']['file_bytes']} bytes, over the 10 MB limit")
+    row["latency"] = latency(original, out, kind, data, args.threads, args.latency_seconds)
+    row["fidelity"] = fidelity(kind, out, original, data, cache)
+    row["targets"] = targets(kind, row, base)
+    log.info("%s %s: %s", kind, name, json.dumps({k: row[k] for k in ("stats", "latency", "fidelity", "targets")}))
+    return row
+
+
+def run_model(kind: str, data: Path, args, previous: dict | None = None) -> dict:
+    """The original's row and the rows of ``args.methods``; rows of ``previous`` (the JSON's entry
+    for this model) not run now are kept when they were measured on the same original and data."""
+    original = wheel_model(kind)
+    cache: dict = {}
+    base = {"file": f"rapidocr-onnxruntime wheel: rapidocr_onnxruntime/{WHEEL_MODELS[kind]}",
+            "sha256": sha256(original), "stats": stats(original, kind),
+            "fidelity": fidelity(kind, original, original, data, cache)}
+    if kind == "cls":  # the original on val too: what recipe choices may look at
+        base["fidelity"]["val_accuracy"] = round(
+            ocr_metrics.classifier_accuracy(original, folder(data, kind, "val"))["accuracy"], 4)
+    log.info("%s original: %s", kind, json.dumps({k: base[k] for k in ("stats", "fidelity")}))
+    rows = {"original": base}
+    kept = {}
+    if previous and previous.get("data") == data_key(data) and \
+            previous.get("rows", {}).get("original", {}).get("sha256") == base["sha256"]:
+        kept = {n: r for n, r in previous["rows"].items() if n != "original" and n not in args.methods}
+    for name in METHODS:
+        if name in args.methods:
+            rows[name] = run_row(name, kind, original, data, args, cache, base)
+        elif name in kept:
+            rows[name] = kept[name]
+    return {"input_shape": [1, *SHAPES[kind]], "task_batch": TASK_BATCH[kind], "data": data_key(data), "rows": rows}
+
+
+def data_key(data: Path) -> dict:
+    """What identifies the rendered data set a row was measured on."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    return {k: manifest[k] for k in ("seed", "lines", "pages", "val_fraction", "test_fraction")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=OUT_DIR / "data",
+                   help="rendered data folder (rendered with ocr_data.py when absent; not committed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lines", type=int, default=3000)
+    p.add_argument("--pages", type=int, default=300)
+    p.add_argument("--models", default="cls,det", help="cls, det or both (default)")
+    p.add_argument("--methods", default="optimize,sparse-lowrank", help=f"rows besides the original: {','.join(METHODS)}")
+    p.add_argument("--cls-targets", default="1.5,2,3",
+                   help="sparse-lowrank targets tried for the classifier (cost macs: MAC ratios; default 1.5,2,3)")
+    p.add_argument("--det-targets", default="1.5,2",
+                   help="sparse-lowrank targets tried for the detector (cost latency; default 1.5,2)")
+    p.add_argument("--cls-ft-target", type=float, default=2.5, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--det-ft-target", type=float, default=3.0, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--cls-calib-samples", type=int, default=256, help="calibration lines (default 256)")
+    p.add_argument("--det-calib-samples", type=int, default=32, help="calibration pages (default 32)")
+    p.add_argument("--latency-seconds", type=float, default=3.0,
+                   help="timed seconds per model pair and batch (default 3)")
+    p.add_argument("--iterations", type=int, default=300, help="training iterations of the trained rows")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
+    p.add_argument("--out", type=Path, default=RESULTS / "ocr.json")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "original"]
+    bad = [m for m in args.models if m not in SHAPES] + [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown model or method: {', '.join(bad)}")
+    args.targets = {"cls": [float(t) for t in args.cls_targets.split(",")],
+                    "det": [float(t) for t in args.det_targets.split(",")]}
+    args.ft_target = {"cls": args.cls_ft_target, "det": args.det_ft_target}
+    args.calib_samples = {"cls": args.cls_calib_samples, "det": args.det_calib_samples}
+    # The issue's targets: classifier MACs (cost model macs, no latency check: a 1 ms model whose
+    # time is overhead would have every split undone), detector CPU time (cost model latency, and
+    # the pass's own check undoes splits not measured faster).
+    args.cost = {"cls": "macs", "det": "latency"}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = ensure_data(args.data, args.seed, args.lines, args.pages)
+    except ocr_data.DataError as e:
+        print(f"ocr: error: {e}", file=sys.stderr)
+        return 2
+    import onnxruntime as ort
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.setdefault("models", {})
+    results.update({
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": args.threads,
+                    "note": "2 CPU cores shared with other jobs while measuring: latencies are medians of "
+                            "interleaved runs, ratios are more reliable than absolute times"},
+        "data": {"folder": str(args.data), "seed": args.seed, "counts": manifest["counts"],
+                 "generator": "benchmarks/ocr_data.py", "cls": manifest["cls"], "det": manifest["det"]},
+        "metrics": {"binarize_threshold": ocr_metrics.THRESH, "box_thresh": ocr_metrics.BOX_THRESH,
+                    "box_match_iou": ocr_metrics.MATCH_IOU, "fidelity_split": "test"},
+    })
+    for kind in args.models:
+        t0 = time.perf_counter()
+        results["models"][kind] = run_model(kind, args.data, args, results["models"].get(kind))
+        results["models"][kind]["last_run_seconds"] = round(time.perf_counter() - t0, 1)
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.out)
+    print(json.dumps({k: {r: v.get("targets", v.get("status")) for r, v in m["rows"].items()}
+                      for k, m in results["models"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
