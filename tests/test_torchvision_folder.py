@@ -141,6 +141,31 @@ def test_usual_export_folds_batchnorm_and_matches_torch(tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
 
 
+@pytest.mark.torch
+@pytest.mark.train
+def test_dns_training_graph_of_the_usual_export(tmp_path):
+    """The two things that stopped ``onnxdns train --method dns`` on this export: HardSwish and
+    HardSigmoid have no gradient in onnxruntime-training 1.19 (training.differentiable), and an
+    untrained export shares its equal (zero) biases through Identity nodes (add-masks)."""
+    from onnxdns.passes.add_masks import AddMasksPass
+    from onnxdns.training import artifacts
+    from onnxdns.training.params import select_parameters
+    from onnxdns.training.session import TrainingSession
+
+    tv = _benchmark("torchvision_fmnist")
+    model = onnx.load(str(tv.export(tv.build(seed=0), tmp_path / "untrained.onnx")))
+    assert any(n.op_type == "Identity" for n in model.graph.node)  # the exporter's shared initializers
+    masked = AddMasksPass(biases=True).apply(model).model
+    params = select_parameters(masked)
+    spec = artifacts.ArtifactSpec(
+        trainable=tuple(params.trainable), frozen=tuple(params.frozen),
+        straight_through={p: m for layer in params.layers for p, m in layer.params}, outputs=("logits",))
+    session = TrainingSession(artifacts.generate(masked, tmp_path / "art", spec, batch_size=4), threads=1)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    loss = session.train_step(x, np.arange(4, dtype=np.int64), 0.01)[0]
+    assert np.isfinite(loss)
+
+
 # --------------------------------------------------------------------------- what exists today
 
 
