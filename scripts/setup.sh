@@ -37,7 +37,10 @@ export PATH="$root/.venv/bin:$PATH"
 # ---- torchvision, for benchmarks/torchvision_fmnist.py and tests/test_torchvision_*.py ----------
 # A user's model exported the usual way (issue 11). Not in an extra: onnxdns itself never imports
 # it. 0.28.0 is the release built against torch 2.13.0 (pinned in scripts/constraints-full.txt).
-if ! .venv/bin/python -c 'import torchvision' >/dev/null 2>&1; then
+# The wheel is CUDA-built: beside the CPU torch wheel its C++ ops do not load and a plain
+# `import torchvision` stops on pytorch/vision#9085; import_torchvision() in
+# benchmarks/torchvision_fmnist.py works around it (the models are pure Python).
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("torchvision")' >/dev/null 2>&1; then
   echo "==> installing torchvision into .venv"
   .venv/bin/python -m pip install -q torchvision -c scripts/constraints-full.txt
 fi
