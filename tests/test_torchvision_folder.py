@@ -5,7 +5,8 @@ What runs today: optimize (exact, validated on the folder), inspect, remove-chan
 channels through depthwise convolutions, squeeze-and-excitation gates, hardswish and residual adds,
 sparse-lowrank calibrated on the folder. Training from a folder (DNS, slimming through inserted
 scales, distillation from a flat folder) is the contract of issue 11 that lands with the merge of
-i11-src and i11-scales: those tests are marked xfail(strict=False) until then.
+i11-src and i11-scales: those tests are marked xfail(strict=False) until then (they passed on a
+trial merge of both branches); sparse-lowrank fine-tuned on a folder is xfail until that lands.
 
 The model is ``benchmarks/results/torchvision_fmnist/mobilenet_v3_small.onnx`` (trained by
 ``benchmarks/torchvision_fmnist.py`` on a Fashion-MNIST folder; input [N, 3, 32, 32]); one test
@@ -34,7 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "benchmarks" / "results" / "torchvision_fmnist" / "mobilenet_v3_small.onnx"
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 NORM = ["--mean", MEAN, "--std", STD]
+#: Fine-tuning a BN-folded MobileNetV3 with momentum SGD: 0.01 diverges within 6 steps of batch 8
+#: (checked: the training graph's gradients match torch's to 2e-6), 0.001 is stable.
+LR = "0.001"
 NEEDS_MERGE = pytest.mark.xfail(strict=False, reason="needs i11-src/i11-scales (training and slimming from a folder)")
+#: Still failing on a trial merge of i11-src and i11-scales (18:3x UTC): the sparse-lowrank pass
+#: fine-tunes only on a dataset name ("fine-tuning needs calib_data to be a dataset name").
+NEEDS_SLR_FINETUNE = pytest.mark.xfail(strict=False, reason="sparse-lowrank fine-tuning from a folder (issue 11)")
 
 
 def _benchmark(name: str):
@@ -162,8 +169,10 @@ def test_dns_training_graph_of_the_usual_export(tmp_path):
         straight_through={p: m for layer in params.layers for p, m in layer.params}, outputs=("logits",))
     session = TrainingSession(artifacts.generate(masked, tmp_path / "art", spec, batch_size=4), threads=1)
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    loss = session.train_step(x, np.arange(4, dtype=np.int64), 0.01)[0]
+    session.module.train()
+    loss = session.module(x, np.arange(4, dtype=np.int64))[0]  # forward and backward
     assert np.isfinite(loss)
+    assert all(np.isfinite(session.state.parameters[n].grad).all() for n in params.trainable[:5])
 
 
 # --------------------------------------------------------------------------- what exists today
@@ -232,7 +241,7 @@ def test_sparse_lowrank_calibrated_on_the_folder(folders, tmp_path, capsys):
 def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
     trained, out = tmp_path / "dns.onnx", tmp_path / "dns-opt.onnx"
     code, _, err = run(capsys, "train", MODEL, "-o", trained, "--method", "dns", "--data", folders["train"],
-                       "--val-data", folders["val"], "--iterations", "4", "--batch-size", "8", *NORM,
+                       "--val-data", folders["val"], "--iterations", "4", "--batch-size", "8", "--lr", LR, *NORM,
                        "--no-progress")
     assert code == 0, err
     code, stdout, err = run(capsys, "optimize", trained, "-o", out, "--data", folders["val"], *NORM)
@@ -245,7 +254,7 @@ def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
 def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slim.onnx"
     code, _, err = run(capsys, "slim", MODEL, "-o", out, "--data", folders["train"], "--val-data", folders["val"],
-                       "--epochs", "0.5", "--finetune-epochs", "0.5", "--batch-size", "8", "--prune-ratio", "0.3",
+                       "--epochs", "0.5", "--finetune-epochs", "0.5", "--batch-size", "8", "--lr", LR, "--prune-ratio", "0.3",
                        *NORM, "--no-progress", "--work-dir", tmp_path / "work")
     assert code == 0, err
     before, after = api.inspect(MODEL), api.inspect(out)
@@ -253,7 +262,7 @@ def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys)
     _session(out).run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 
 
-@NEEDS_MERGE
+@NEEDS_SLR_FINETUNE
 def test_sparse_lowrank_fine_tuned_on_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slr-ft.onnx"
     code, _, err = run(capsys, "optimize", MODEL, "-o", out, "--passes",
@@ -269,6 +278,6 @@ def test_dns_distilled_from_a_flat_folder(folders, tmp_path, capsys):
     """No labels: the default loss is distillation from the input model."""
     trained = tmp_path / "dns-distill.onnx"
     code, _, err = run(capsys, "train", MODEL, "-o", trained, "--method", "dns", "--data", folders["flat"],
-                       "--val-fraction", "0.2", "--iterations", "4", "--batch-size", "8", *NORM, "--no-progress")
+                       "--val-fraction", "0.2", "--iterations", "4", "--batch-size", "8", "--lr", LR, *NORM, "--no-progress")
     assert code == 0, err
     assert api.inspect(trained).nonzeros < api.inspect(MODEL).nonzeros
