@@ -237,6 +237,7 @@ def test_sparse_lowrank_calibrated_on_the_folder(folders, tmp_path, capsys):
 # --------------------------------------------------------------------------- with the merge
 
 
+@pytest.mark.train
 @NEEDS_MERGE
 def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
     trained, out = tmp_path / "dns.onnx", tmp_path / "dns-opt.onnx"
@@ -250,6 +251,7 @@ def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
     _session(out).run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 
 
+@pytest.mark.train
 @NEEDS_MERGE
 def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slim.onnx"
@@ -262,6 +264,7 @@ def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys)
     _session(out).run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 
 
+@pytest.mark.train
 @NEEDS_SLR_FINETUNE
 def test_sparse_lowrank_fine_tuned_on_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slr-ft.onnx"
@@ -273,6 +276,7 @@ def test_sparse_lowrank_fine_tuned_on_the_folder(folders, tmp_path, capsys):
     assert api.inspect(MODEL).params / api.inspect(out).params >= 1.04
 
 
+@pytest.mark.train
 @NEEDS_MERGE
 def test_dns_distilled_from_a_flat_folder(folders, tmp_path, capsys):
     """No labels: the default loss is distillation from the input model."""
