@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
