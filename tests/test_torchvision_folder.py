@@ -1,12 +1,10 @@
 """The user's path, small: a torchvision MobileNetV3-Small exported the usual way (eval mode, legacy
 exporter, BatchNorm folded) and an image folder written by ``benchmarks/fmnist_folder.py``.
 
-What runs today: optimize (exact, validated on the folder), inspect, remove-channels on zeroed
-channels through depthwise convolutions, squeeze-and-excitation gates, hardswish and residual adds,
-sparse-lowrank calibrated on the folder. Training from a folder (DNS, slimming through inserted
-scales, distillation from a flat folder) is the contract of issue 11 that lands with the merge of
-i11-src and i11-scales: those tests are marked xfail(strict=False) until then (they passed on a
-trial merge of both branches); sparse-lowrank fine-tuned on a folder is xfail until that lands.
+Tested: optimize (exact, validated on the folder), inspect, remove-channels on zeroed channels
+through depthwise convolutions, squeeze-and-excitation gates, hardswish and residual adds,
+sparse-lowrank calibrated on the folder and fine-tuned on it, DNS from the folder then optimize,
+slimming through inserted scales, distillation from a flat folder.
 
 The model is ``benchmarks/results/torchvision_fmnist/mobilenet_v3_small.onnx`` (trained by
 ``benchmarks/torchvision_fmnist.py`` on a Fashion-MNIST folder; input [N, 3, 32, 32]); one test
@@ -38,10 +36,6 @@ NORM = ["--mean", MEAN, "--std", STD]
 #: Fine-tuning a BN-folded MobileNetV3 with momentum SGD: 0.01 diverges within 6 steps of batch 8
 #: (checked: the training graph's gradients match torch's to 2e-6), 0.001 is stable.
 LR = "0.001"
-NEEDS_MERGE = pytest.mark.xfail(strict=False, reason="needs i11-src/i11-scales (training and slimming from a folder)")
-#: Still failing on a trial merge of i11-src and i11-scales (18:3x UTC): the sparse-lowrank pass
-#: fine-tunes only on a dataset name ("fine-tuning needs calib_data to be a dataset name").
-NEEDS_SLR_FINETUNE = pytest.mark.xfail(strict=False, reason="sparse-lowrank fine-tuning from a folder (issue 11)")
 
 
 def _benchmark(name: str):
@@ -238,7 +232,6 @@ def test_sparse_lowrank_calibrated_on_the_folder(folders, tmp_path, capsys):
 
 
 @pytest.mark.train
-@NEEDS_MERGE
 def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
     trained, out = tmp_path / "dns.onnx", tmp_path / "dns-opt.onnx"
     code, _, err = run(capsys, "train", MODEL, "-o", trained, "--method", "dns", "--data", folders["train"],
@@ -252,7 +245,6 @@ def test_dns_from_the_folder_then_optimize(folders, tmp_path, capsys):
 
 
 @pytest.mark.train
-@NEEDS_MERGE
 def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slim.onnx"
     code, _, err = run(capsys, "slim", MODEL, "-o", out, "--data", folders["train"], "--val-data", folders["val"],
@@ -265,7 +257,6 @@ def test_slim_through_inserted_scales_from_the_folder(folders, tmp_path, capsys)
 
 
 @pytest.mark.train
-@NEEDS_SLR_FINETUNE
 def test_sparse_lowrank_fine_tuned_on_the_folder(folders, tmp_path, capsys):
     out = tmp_path / "slr-ft.onnx"
     code, _, err = run(capsys, "optimize", MODEL, "-o", out, "--passes",
@@ -277,7 +268,6 @@ def test_sparse_lowrank_fine_tuned_on_the_folder(folders, tmp_path, capsys):
 
 
 @pytest.mark.train
-@NEEDS_MERGE
 def test_dns_distilled_from_a_flat_folder(folders, tmp_path, capsys):
     """No labels: the default loss is distillation from the input model."""
     trained = tmp_path / "dns-distill.onnx"
