@@ -85,7 +85,9 @@ def format_slim_result(result) -> str:
     for s in result.stages:
         rows.append((s.name, report.count(s.params), report.count(s.macs), report.percent(s.accuracy),
                      f"{s.seconds:.1f}", "reused" if s.reused else ""))
-    lines = [report.table(("stage", "params", "MACs", "test acc", "seconds", ""), rows)]
+    lines = [report.table(("stage", "params", "MACs", "accuracy", "seconds", ""), rows),
+             "accuracy: the built-in data set's test split; with your data, the validation data (--val-data) "
+             "for the optimized model (the training stages' histories hold their validation figures)"]
     prune = result.stage("prune")
     if prune is not None:
         d = prune.details

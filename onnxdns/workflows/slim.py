@@ -266,7 +266,10 @@ def _prepare_work_dir(work: Path, fresh: bool) -> None:
 
 
 def _validation_data(data: str, model: Path, options: Mapping[str, Any]):
-    """``data`` for optimize's comparison: opened here when ``--mean``/``--std`` normalise a folder."""
+    """What optimize compares the output with the fine-tuned model on: the validation data when
+    given (its accuracy is the table's last figure), else ``data`` (a built-in set's test split);
+    a folder is opened here when ``--mean``/``--std`` normalise it."""
+    data = options.get("val_data") or data
     if options.get("mean") is None and options.get("std") is None or not os.path.isdir(data):
         return data
     from onnxdns.sources import model_inputs, open_source
