@@ -51,6 +51,30 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return f"{base}_{i}"
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... if taken; the result is added to ``taken``."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
+    """Remove ``node`` (one output) and route its users to ``replacement``, which takes over the
+    output's name, shape and type (so graph outputs keep their names)."""
+    old = node.outputs[0]
+    name, shape, typ = old.name, old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, replacement, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    replacement.name = name
+    if shape is not None:
+        replacement.shape = shape
+    if typ is not None:
+        replacement.type = typ
+
+
 def set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str | None = None) -> ir.Value:
     """Make ``node.inputs[index]`` the constant ``array``.
 

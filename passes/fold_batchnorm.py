@@ -53,7 +53,7 @@ class FoldBatchNormPass(GraphPass):
             producer, scale, shift = plan
             maybe_unused.extend(v for v in list(bn.inputs[1:]) + list(producer.inputs[1:]) if v is not None)
             _fold_into(graph, producer, scale, shift)
-            _remove_bn(graph, bn, producer)
+            graphutil.bypass(graph, bn, producer.outputs[0])  # the producer output takes over the BN's name
             folded.append(producer.name or producer.op_type)
         removed = _remove_dead_constants(graph, maybe_unused)
         return PassReport(model, bool(folded), {"folded_into": folded, "removed_constants": removed})
@@ -152,19 +152,6 @@ def _fold_into(graph: ir.Graph, producer: ir.Node, scale: np.ndarray, shift: np.
     graphutil.set_input_constant(graph, producer, 1, new_w.astype(dtype))
     graphutil.set_input_constant(graph, producer, 2, np.asarray(new_b).astype(bias_dtype),
                                  name=None if bias is not None else f"{base}_bias")
-
-
-def _remove_bn(graph: ir.Graph, bn: ir.Node, producer: ir.Node) -> None:
-    """Route the BN's users to the producer and let the producer output take over the BN's name."""
-    out, bn_out = producer.outputs[0], bn.outputs[0]
-    name, shape, typ = bn_out.name, bn_out.shape, bn_out.type
-    ir.convenience.replace_all_uses_with(bn_out, out, replace_graph_outputs=True)
-    graph.remove(bn, safe=True)
-    out.name = name
-    if shape is not None:
-        out.shape = shape
-    if typ is not None:
-        out.type = typ
 
 
 def _remove_dead_constants(graph: ir.Graph, values: list[ir.Value]) -> list[str]:

@@ -47,7 +47,7 @@ class FoldChannelScalesPass(GraphPass):
             replaced = [v for v in (scale_value, *conv.inputs[1:]) if v is not None]
             maybe_unused.extend(v.name for v in replaced if v.name)
             _fold(graph, conv, scale)
-            _remove_mul(graph, mul, conv)
+            graphutil.bypass(graph, mul, conv.outputs[0])  # the conv output takes over the Mul's name
             maybe_unused.extend(_remove_dead_identities(graph, replaced))
             folded.append(conv.name or conv.op_type)
         removed = graphutil.remove_unused_initializers(graph, maybe_unused)
@@ -113,19 +113,6 @@ def _remove_dead_identities(graph: ir.Graph, values: list[ir.Value]) -> list[str
                 reached.append(value.name)
             node = value.producer() if value is not None else None
     return reached
-
-
-def _remove_mul(graph: ir.Graph, mul: ir.Node, conv: ir.Node) -> None:
-    """Route the Mul's users to the conv output, which takes over the Mul's output name."""
-    out, mul_out = conv.outputs[0], mul.outputs[0]
-    name, shape, typ = mul_out.name, mul_out.shape, mul_out.type
-    ir.convenience.replace_all_uses_with(mul_out, out, replace_graph_outputs=True)
-    graph.remove(mul, safe=True)
-    out.name = name
-    if shape is not None:
-        out.shape = shape
-    if typ is not None:
-        out.type = typ
 
 
 __all__ = ["FoldChannelScalesPass"]

@@ -384,14 +384,14 @@ def _inline_branch(graph: ir.Graph, node: ir.Node, branch: ir.Graph) -> None:
     branch.outputs.clear()  # they are no subgraph outputs any more
     for name in list(branch.initializers):
         value = branch.initializers.pop(name)
-        value.name = _fresh(name, taken)
+        value.name = graphutil.fresh_name(name, taken)
         graph.register_initializer(value)
     moved = list(branch)
     branch.remove(moved)  # not safe=True: the nodes keep their inputs
     for n in moved:
         for out in n.outputs:
             if out.name:
-                out.name = _fresh(out.name, taken)
+                out.name = graphutil.fresh_name(out.name, taken)
     graph.insert_before(node, moved)
     renames: list[tuple[ir.Value, str]] = []
     for if_out, value in zip(node.outputs, results):
@@ -433,13 +433,3 @@ def _all_names(graph: ir.Graph, skip: ir.Graph) -> set[str]:
         if node.graph is not skip:
             names.update(v.name for v in node.outputs if v.name)
     return names
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    """``name``, or ``name_1``, ``name_2``, ... if taken; the result is added to ``taken``."""
-    new, i = name, 0
-    while new in taken:
-        i += 1
-        new = f"{name}_{i}"
-    taken.add(new)
-    return new

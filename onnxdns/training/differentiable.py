@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxdns.graphutil import fresh_name
+
 #: op type -> (alpha, beta) defaults of the ONNX operator
 _HARD_OPS = {"HardSigmoid": (0.2, 0.5), "HardSwish": (1.0 / 6.0, 0.5)}
 
@@ -35,12 +37,7 @@ def differentiable(model: onnx.ModelProto) -> onnx.ModelProto:
         | {i.name for i in out.graph.input}
 
     def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+        return fresh_name(base, taken)
 
     def constant(value: float) -> str:
         if value not in constants:
