@@ -32,16 +32,20 @@ def noisy_model(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     out.CopyFrom(proto)
     graph = out.graph
     renamed = {name: f"{name}__slr_clean" for name in names}
-    for node in graph.node:
+    nodes = []
+    for original in graph.node:  # each noise Mul right after the node producing its value: still sorted
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        nodes.append(node)
         for i, o in enumerate(node.output):
             if o in renamed:
                 node.output[i] = renamed[o]
+                nodes.append(helper.make_node("Mul", [renamed[o], o + NOISE_SUFFIX], [o]))
+    del graph.node[:]
+    graph.node.extend(nodes)
     for name in names:
-        graph.node.append(helper.make_node("Mul", [renamed[name], name + NOISE_SUFFIX], [name]))
         graph.input.append(helper.make_tensor_value_info(name + NOISE_SUFFIX, onnx.TensorProto.FLOAT, None))
-    from onnxdns.passes.topological_sort import TopologicalSortPass
-
-    return TopologicalSortPass()(out)
+    return out
 
 
 def sensitivities(proto: onnx.ModelProto, layers: Sequence[Layer], inputs: Inputs, *, delta: float = 0.1,
