@@ -230,7 +230,7 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         if tensor.HasField("shape") and len(dims) != len(shape):
             raise OnnxdnsError(f"training: input {value.name} has rank {len(dims)}, the data gives {shape}")
         for d, n in zip(dims, shape):
-            if d.HasField("dim_value") and d.dim_value not in (0, n):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n:  # 0, -1: dynamic
                 raise OnnxdnsError(f"training: input {value.name} has shape {_dims(dims)}, the data gives {shape}")
             if d.dim_param:
                 symbols.setdefault(d.dim_param, n)

@@ -51,7 +51,8 @@ from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_EPOCHS, S
 from onnxdns.training.loop import STATE_DIR, EpochRecord, Feeder, Trainer, has_checkpoint, read_checkpoint, steps_for
 from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
-from onnxdns.training.params import ParameterSet, select_parameters
+from onnxdns.training.gradops import MIN_OPSET as MIN_GRAD_OPSET, expand_for_gradients
+from onnxdns.training.params import ParameterSet, lift_parameter_constants, select_parameters
 from onnxdns.training.session import TrainingSession
 from onnxdns.workflows.stages import jsonable
 
@@ -148,8 +149,12 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
     if resume is None:
         original = modelio.load_model(input_path)
         _loss_spec(config, original, None)  # model misfits first, before any data is read
-        model = method.prepare(original)
-        if (config.batchnorm or method.batchnorm) == "train":
+        # weights in Constant nodes are trained too; HardSigmoid has no gradient in onnxruntime 1.19;
+        # BatchNorm in training mode needs opset 14 (older models are converted)
+        bn_train = (config.batchnorm or method.batchnorm) == "train"
+        model = method.prepare(expand_for_gradients(lift_parameter_constants(original),
+                                                    batchnorm_mod.MIN_OPSET if bn_train else MIN_GRAD_OPSET))
+        if bn_train:
             model = batchnorm_mod.to_training_mode(model)
         run_info = {"config": dataclasses.asdict(config), "input_sha256": modelio.file_sha256(input_path),
                     "input_path": str(input_path), "output_path": str(out)}
