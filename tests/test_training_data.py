@@ -570,3 +570,32 @@ def test_stride_equal_kernel_conv_transpose_distills(tmp_path):
     rewritten = expand_for_gradients(onnx.load(str(model)))
     assert not any(n.op_type == "ConvTranspose" for n in rewritten.graph.node)
     assert np.abs(runtime.run(rewritten, {"image": x})[0] - want).max() < 1e-6  # the same values
+
+
+class _NearestNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(torch.nn.functional.interpolate(self.conv(x), scale_factor=2, mode="nearest"))
+
+
+def test_nearest_integer_resize_distills(tmp_path):
+    """onnxruntime 1.19 has no CPU kernel for ResizeGrad: nearest Resize by integer scales (the
+    PP-OCR detector's FPN) trains as Reshape + Expand + Reshape (the same values)."""
+    from onnxdns.training.gradops import expand_for_gradients
+
+    model = _export(_NearestNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "near.onnx", ["image"], ["map"],
+                    dynamic={"image": {0: "b", 2: "h", 3: "w"}, "map": {0: "b", 2: "h2", 3: "w2"}})
+    assert any(n.op_type == "Resize" for n in onnx.load(str(model)).graph.node)
+    x = np.random.default_rng(0).random((1, 3, 8, 12), dtype=np.float32)
+    want = runtime.run(str(model), {"image": x})[0]
+    rewritten = expand_for_gradients(onnx.load(str(model)))
+    assert not any(n.op_type == "Resize" for n in rewritten.graph.node)
+    assert np.array_equal(runtime.run(rewritten, {"image": x})[0], want)
+    folder = _flat_folder(tmp_path / "pages", n=16, size=(12, 8))
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", iterations=3, batch_size=4, lr=0.01,
+                  val_fraction=0.25, **FAST)
+    assert r.loss == "distill" and r.steps == 3

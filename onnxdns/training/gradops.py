@@ -7,6 +7,9 @@ it has, before the training graph is built.
   initializer: the PP-OCR detector's head) becomes a 1x1 ``Conv`` to ``C_out * s * s`` channels
   and a pixel shuffle (``Reshape``, ``Transpose``, ``Reshape``): the same products and sums
   (onnxruntime 1.19 has no CPU kernel for ``ConvTransposeGrad``). The trained model keeps that form.
+* ``Resize`` nearest (``asymmetric``, ``floor``) by integer scales ``[1, 1, s_h, s_w]`` (the
+  detector's FPN) becomes ``Reshape`` to ``[N, C, H, 1, W, 1]``, ``Expand`` to ``[N, C, H, s_h, W,
+  s_w]`` and ``Reshape`` to ``[N, C, H s_h, W s_w]``: the same values (no ``ResizeGrad`` kernel either).
 * A model below opset 12 is converted to opset 12 (``onnx.version_converter``): the gradient of
   ``Clip`` uses ``LessOrEqual``, which opset 12 introduced.
 """
@@ -41,7 +44,83 @@ def expand_for_gradients(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> 
         except Exception as e:  # the converter raises plain RuntimeErrors / ValueErrors
             raise OnnxdnsError(f"training needs opset {min_opset} or above; converting the model from opset "
                                f"{_opset(model)} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return _conv_transpose_as_shuffle(_hardsigmoid_as_clip(model))
+    return _nearest_resize_as_expand(_conv_transpose_as_shuffle(_hardsigmoid_as_clip(model)))
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+def _integer_nearest_scales(node: onnx.NodeProto, values: dict) -> tuple[int, int] | None:
+    if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+        return None
+    if len(node.input) > 3 and node.input[3]:  # sizes
+        return None
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+    if (text.get("mode", "nearest") != "nearest" or text.get("coordinate_transformation_mode", "half_pixel") != "asymmetric"
+            or text.get("nearest_mode", "round_prefer_floor") != "floor"):
+        return None
+    scales = values.get(node.input[2])
+    if scales is None or scales.shape != (4,) or list(scales[:2]) != [1, 1]:
+        return None
+    sh, sw = float(scales[2]), float(scales[3])
+    if sh != int(sh) or sw != int(sw) or sh < 1 or sw < 1:
+        return None
+    return int(sh), int(sw)
+
+
+def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
+    values = _constant_values(model.graph)
+    if not any(_integer_nearest_scales(n, values) for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    fresh = _namer(graph)
+    nodes = []
+
+    def const(base: str, value: np.ndarray) -> str:
+        name = fresh(base)
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    for node in graph.node:
+        scales = _integer_nearest_scales(node, values)
+        if not scales:
+            nodes.append(node)
+            continue
+        sh, sw = scales
+        base = node.name or node.output[0]
+        x = node.input[0]
+        shape, nc, h, w = fresh(f"{base}.shape"), fresh(f"{base}.nc"), fresh(f"{base}.h"), fresh(f"{base}.w")
+        nodes.append(helper.make_node("Shape", [x], [shape], name=fresh(f"{base}.shape")))
+        for name, lo, hi in ((nc, 0, 2), (h, 2, 3), (w, 3, 4)):
+            nodes.append(helper.make_node("Slice", [shape, const(f"{base}.lo", np.array([lo], np.int64)),
+                                                    const(f"{base}.hi", np.array([hi], np.int64))], [name],
+                                          name=fresh(f"{base}.slice")))
+        one = const(f"{base}.one", np.array([1], np.int64))
+        split_shape, wide_shape, merged_shape = fresh(f"{base}.split_shape"), fresh(f"{base}.wide_shape"), fresh(f"{base}.merged_shape")
+        hs, ws = fresh(f"{base}.hs"), fresh(f"{base}.ws")
+        nodes.append(helper.make_node("Concat", [nc, h, one, w, one], [split_shape], name=fresh(f"{base}.concat"), axis=0))
+        nodes.append(helper.make_node("Concat", [nc, h, const(f"{base}.sh", np.array([sh], np.int64)), w,
+                                                 const(f"{base}.sw", np.array([sw], np.int64))], [wide_shape],
+                                      name=fresh(f"{base}.concat"), axis=0))
+        nodes.append(helper.make_node("Mul", [h, const(f"{base}.sh", np.array([sh], np.int64))], [hs], name=fresh(f"{base}.mul")))
+        nodes.append(helper.make_node("Mul", [w, const(f"{base}.sw", np.array([sw], np.int64))], [ws], name=fresh(f"{base}.mul")))
+        nodes.append(helper.make_node("Concat", [nc, hs, ws], [merged_shape], name=fresh(f"{base}.concat"), axis=0))
+        split, wide = fresh(f"{base}.split"), fresh(f"{base}.wide")
+        nodes.append(helper.make_node("Reshape", [x, split_shape], [split], name=fresh(f"{base}.reshape")))
+        nodes.append(helper.make_node("Expand", [split, wide_shape], [wide], name=fresh(f"{base}.expand")))
+        nodes.append(helper.make_node("Reshape", [wide, merged_shape], list(node.output), name=fresh(f"{base}.reshape")))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
 
 
 def _namer(graph: onnx.GraphProto):
