@@ -599,3 +599,37 @@ def test_nearest_integer_resize_distills(tmp_path):
     r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", iterations=3, batch_size=4, lr=0.01,
                   val_fraction=0.25, **FAST)
     assert r.loss == "distill" and r.steps == 3
+
+
+def test_softmax_output_found_through_reshape():
+    """Converting an opset-11 Softmax to opset 13+ wraps it in Flatten / Reshape (the PP-OCR classifier
+    trained with BatchNorm in training mode): ce still sees probabilities, not logits."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Softmax", ["f"], ["p"], axis=1),
+             helper.make_node("Reshape", ["p", "shape"], ["r"]), helper.make_node("Identity", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert losses._is_softmax(graph, "y") and not losses._is_softmax(graph, "f")
+
+
+def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
+    """batchnorm='frozen' (the default outside slim): onnxruntime-training 1.19 would turn an
+    inference-mode BatchNormalization into its training kernel (batch statistics) in the training
+    graph; the frozen BN trains as x * s + t from the stored statistics instead, so a student equal
+    to its teacher has zero distillation loss, and gamma / beta still learn."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_BatchNormNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    model = tmp_path / "bn17.onnx"
+    model.write_bytes(buf.getvalue())
+    folder = _flat_folder(tmp_path / "pages", n=16)
+    r = api.train(model, tmp_path / "same.onnx", data=str(folder), method="none", iterations=1, batch_size=4, lr=1e-9,
+                  val_fraction=0.25, **FAST)
+    assert r.loss == "distill" and r.history[-1].train_loss < 1e-10
+    r = api.train(model, tmp_path / "out.onnx", data=str(_class_folder(tmp_path / "classes")), method="none",
+                  iterations=3, batch_size=4, lr=0.5, val_fraction=0.25, **FAST)
+    gamma = next(n for n in _weights(model) if n.endswith("bn.weight"))
+    assert not np.allclose(_weights(model)[gamma], _weights(tmp_path / "out.onnx")[gamma])

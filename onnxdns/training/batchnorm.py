@@ -67,6 +67,81 @@ def to_training_mode(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose inference-mode BatchNormalization nodes over 4-d inputs (running
+    statistics stored as initializers) become ``x * s + t`` with ``s = gamma / sqrt(var + eps)``
+    and ``t = beta - mean * s`` computed in the graph from ``gamma`` and ``beta`` (still trainable
+    initializers of the same names) and the stored statistics (constants).
+
+    onnxruntime-training 1.19 turns every BatchNormalization of a training graph into its training
+    kernel (``BatchNormInternal``, batch statistics) whatever its mode: "frozen" BatchNorm
+    (torch's ``model.eval()`` fine-tuning) needs this form. onnxruntime folds ``s`` and ``t`` into
+    constants (and into a preceding Conv) when it loads the trained model.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in _batchnorms(model)
+             if _training_mode(n) == 0 and len(n.output) == 1 and len(n.input) == 5
+             and all(i in inits for i in n.input[1:])]
+    if not nodes:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {i.name for i in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    targets = {id(n) for n in nodes}
+    names = {n.output[0] for n in nodes}
+    replaced = []
+    for node in out.graph.node:
+        if node.op_type != "BatchNormalization" or node.output[0] not in names:
+            replaced.append(node)
+            continue
+        x, gamma, beta, mean, var = node.input
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        m = numpy_helper.to_array(inits[mean]).astype(np.float32)
+        v = numpy_helper.to_array(inits[var]).astype(np.float32)
+        base = node.name or node.output[0]
+
+        def const(tag: str, value) -> str:
+            name = fresh(f"{base}.{tag}")
+            out.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+            return name
+
+        shape = fresh(f"{base}.channel_shape")
+        out.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), shape))
+        inv, neg_mean = const("inv_std", 1.0 / np.sqrt(v + np.float32(eps))), const("neg_mean", -m)
+        scale, shift_t = fresh(f"{base}.scale"), fresh(f"{base}.shift")
+        scale_r, shift_r, scaled = fresh(f"{base}.scale_c"), fresh(f"{base}.shift_c"), fresh(f"{base}.scaled")
+        mean_s = fresh(f"{base}.mean_scaled")
+        replaced += [
+            helper.make_node("Mul", [gamma, inv], [scale], name=fresh(f"{base}.scale")),
+            helper.make_node("Mul", [neg_mean, scale], [mean_s], name=fresh(f"{base}.mean_scaled")),
+            helper.make_node("Add", [beta, mean_s], [shift_t], name=fresh(f"{base}.shift")),
+            helper.make_node("Reshape", [scale, shape], [scale_r], name=fresh(f"{base}.scale_c")),
+            helper.make_node("Reshape", [shift_t, shape], [shift_r], name=fresh(f"{base}.shift_c")),
+            helper.make_node("Mul", [x, scale_r], [scaled], name=fresh(f"{base}.mul")),
+            helper.make_node("Add", [scaled, shift_r], list(node.output), name=fresh(f"{base}.add")),
+        ]
+    del out.graph.node[:]
+    out.graph.node.extend(replaced)
+    used = {i for n in out.graph.node for i in n.input}
+    kept = [i for i in out.graph.initializer if i.name in used or i.name in {o.name for o in out.graph.output}]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    del targets
+    return out
+
+
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose BatchNormalization nodes run in inference mode (one output).
 

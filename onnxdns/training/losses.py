@@ -197,10 +197,11 @@ def _block_class():
 
 
 def _is_softmax(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether ``name`` is computed by a ``Softmax`` (through ``Identity`` nodes): probabilities."""
+    """Whether ``name`` is computed by a ``Softmax`` (through ``Identity`` / ``Reshape`` nodes, as
+    the opset converter wraps an old Softmax): probabilities."""
     producers = {o: n for n in graph.node for o in n.output}
     node = producers.get(name)
-    while node is not None and node.op_type == "Identity":
+    while node is not None and node.op_type in ("Identity", "Reshape"):
         node = producers.get(node.input[0])
     return node is not None and node.op_type == "Softmax"
 

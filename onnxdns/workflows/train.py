@@ -156,6 +156,8 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
                                                     batchnorm_mod.MIN_OPSET if bn_train else MIN_GRAD_OPSET))
         if bn_train:
             model = batchnorm_mod.to_training_mode(model)
+        else:  # onnxruntime would train an inference-mode BN with batch statistics
+            model = batchnorm_mod.to_frozen_affine(model)
         run_info = {"config": dataclasses.asdict(config), "input_sha256": modelio.file_sha256(input_path),
                     "input_path": str(input_path), "output_path": str(out)}
     else:
