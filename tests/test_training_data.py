@@ -617,6 +617,8 @@ def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
     inference-mode BatchNormalization into its training kernel (batch statistics) in the training
     graph; the frozen BN trains as x * s + t from the stored statistics instead, so a student equal
     to its teacher has zero distillation loss, and gamma / beta still learn."""
+    from onnx import helper
+
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -629,6 +631,17 @@ def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
     r = api.train(model, tmp_path / "same.onnx", data=str(folder), method="none", iterations=1, batch_size=4, lr=1e-9,
                   val_fraction=0.25, **FAST)
     assert r.loss == "distill" and r.history[-1].train_loss < 1e-10
+    # the same with every weight and statistic in a Constant node (paddle2onnx: the PP-OCR detector)
+    proto = onnx.load(str(model))
+    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in proto.graph.initializer]
+    del proto.graph.initializer[:]
+    nodes = consts + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(tmp_path / "bn17_constants.onnx"))
+    r = api.train(tmp_path / "bn17_constants.onnx", tmp_path / "same2.onnx", data=str(folder), method="none",
+                  iterations=1, batch_size=4, lr=1e-9, val_fraction=0.25, **FAST)
+    assert r.history[-1].train_loss < 1e-10
     r = api.train(model, tmp_path / "out.onnx", data=str(_class_folder(tmp_path / "classes")), method="none",
                   iterations=3, batch_size=4, lr=0.5, val_fraction=0.25, **FAST)
     gamma = next(n for n in _weights(model) if n.endswith("bn.weight"))

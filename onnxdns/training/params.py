@@ -127,13 +127,15 @@ _ELEMENTWISE = {"Add", "Mul"}
 
 def lift_parameter_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with the floating-point ``Constant`` nodes of the main graph that are read at a
-    parameter position (:data:`PARAMETER_INPUTS`) turned into initializers of the same name and
+    parameter position (:data:`PARAMETER_INPUTS`; BatchNorm's running statistics too) turned into initializers of the same name and
     value (exact). Some exporters (paddle2onnx: the PP-OCR models) store every weight that way;
     only initializers are trained. ``model`` itself is not changed."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     at_parameter = {node.input[i] for node in graph.node if node.domain in ("", "ai.onnx")
                     for i in PARAMETER_INPUTS.get(node.op_type, ()) if i < len(node.input)}
+    at_parameter |= {name for node in graph.node if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+                     for name in node.input[3:5]}  # running statistics: frozen state
     lift = []
     for node in graph.node:
         if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
