@@ -20,6 +20,7 @@ from PIL import Image
 from clikit import assert_user_error, run
 from onnxdns import runtime
 from onnxdns.training import artifacts, loop, losses
+from onnxdns.training import batchnorm as batchnorm_mod
 from onnxdns.workflows import train as api
 from onnxdns.training.config import TrainConfig
 from onnxdns.training.methods import get_method
@@ -646,3 +647,9 @@ def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
                   iterations=3, batch_size=4, lr=0.5, val_fraction=0.25, **FAST)
     gamma = next(n for n in _weights(model) if n.endswith("bn.weight"))
     assert not np.allclose(_weights(model)[gamma], _weights(tmp_path / "out.onnx")[gamma])
+    # the stored statistics are constants of the training graph, never trained
+    from onnxdns.training.params import select_parameters as _select
+
+    affine = batchnorm_mod.to_frozen_affine(onnx.load(str(model)))
+    trainable = set(_select(affine).trainable)
+    assert gamma in trainable and not any(".mean" in n or ".std" in n for n in trainable)

@@ -68,28 +68,33 @@ def to_training_mode(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose inference-mode BatchNormalization nodes over 4-d inputs (running
-    statistics stored as initializers) become ``x * s + t`` with ``s = gamma / sqrt(var + eps)``
-    and ``t = beta - mean * s`` computed in the graph from ``gamma`` and ``beta`` (still trainable
-    initializers of the same names) and the stored statistics (constants).
+    """A copy of ``model`` whose inference-mode BatchNormalization nodes (scale, bias and running
+    statistics stored as initializers; 4-d inputs) become ``(x - mean) / sqrt(var + eps) * gamma +
+    beta`` with ``gamma`` and ``beta`` reshaped to ``[C, 1, 1]`` under their names (still the
+    trainable parameters: read by ``Mul`` / ``Add``) and the statistics constants (read by ``Sub``
+    / ``Div``: never trained).
 
     onnxruntime-training 1.19 turns every BatchNormalization of a training graph into its training
     kernel (``BatchNormInternal``, batch statistics) whatever its mode: "frozen" BatchNorm
-    (torch's ``model.eval()`` fine-tuning) needs this form. onnxruntime folds ``s`` and ``t`` into
-    constants (and into a preceding Conv) when it loads the trained model.
+    (torch's ``model.eval()`` fine-tuning) needs this form.
     """
     import numpy as np
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
     nodes = [n for n in _batchnorms(model)
              if _training_mode(n) == 0 and len(n.output) == 1 and len(n.input) == 5
-             and all(i in inits for i in n.input[1:])]
+             and all(i in inits for i in n.input[1:]) and all(readers[i] == 1 for i in n.input[1:3])]
     if not nodes:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    taken = {i.name for i in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+    inits = {i.name: i for i in out.graph.initializer}
+    taken = set(inits) | {o for n in out.graph.node for o in n.output}
 
     def fresh(base: str) -> str:
         name, k = base, 0
@@ -99,7 +104,6 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
         taken.add(name)
         return name
 
-    targets = {id(n) for n in nodes}
     names = {n.output[0] for n in nodes}
     replaced = []
     for node in out.graph.node:
@@ -108,29 +112,21 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         x, gamma, beta, mean, var = node.input
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        m = numpy_helper.to_array(inits[mean]).astype(np.float32)
-        v = numpy_helper.to_array(inits[var]).astype(np.float32)
+        for name in (gamma, beta):  # [C] -> [C, 1, 1], same values and name
+            value = numpy_helper.to_array(inits[name])
+            inits[name].CopyFrom(numpy_helper.from_array(value.reshape(-1, 1, 1), name))
+        m = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(-1, 1, 1)
+        v = numpy_helper.to_array(inits[var]).astype(np.float32).reshape(-1, 1, 1)
         base = node.name or node.output[0]
-
-        def const(tag: str, value) -> str:
-            name = fresh(f"{base}.{tag}")
-            out.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-            return name
-
-        shape = fresh(f"{base}.channel_shape")
-        out.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64), shape))
-        inv, neg_mean = const("inv_std", 1.0 / np.sqrt(v + np.float32(eps))), const("neg_mean", -m)
-        scale, shift_t = fresh(f"{base}.scale"), fresh(f"{base}.shift")
-        scale_r, shift_r, scaled = fresh(f"{base}.scale_c"), fresh(f"{base}.shift_c"), fresh(f"{base}.scaled")
-        mean_s = fresh(f"{base}.mean_scaled")
+        mean_c, std_c = fresh(f"{base}.mean"), fresh(f"{base}.std")
+        out.graph.initializer.extend([numpy_helper.from_array(m, mean_c),
+                                      numpy_helper.from_array(np.sqrt(v + np.float32(eps)), std_c)])
+        centred, normed, scaled = fresh(f"{base}.centred"), fresh(f"{base}.normed"), fresh(f"{base}.scaled")
         replaced += [
-            helper.make_node("Mul", [gamma, inv], [scale], name=fresh(f"{base}.scale")),
-            helper.make_node("Mul", [neg_mean, scale], [mean_s], name=fresh(f"{base}.mean_scaled")),
-            helper.make_node("Add", [beta, mean_s], [shift_t], name=fresh(f"{base}.shift")),
-            helper.make_node("Reshape", [scale, shape], [scale_r], name=fresh(f"{base}.scale_c")),
-            helper.make_node("Reshape", [shift_t, shape], [shift_r], name=fresh(f"{base}.shift_c")),
-            helper.make_node("Mul", [x, scale_r], [scaled], name=fresh(f"{base}.mul")),
-            helper.make_node("Add", [scaled, shift_r], list(node.output), name=fresh(f"{base}.add")),
+            helper.make_node("Sub", [x, mean_c], [centred], name=fresh(f"{base}.sub")),
+            helper.make_node("Div", [centred, std_c], [normed], name=fresh(f"{base}.div")),
+            helper.make_node("Mul", [normed, gamma], [scaled], name=fresh(f"{base}.mul")),
+            helper.make_node("Add", [scaled, beta], list(node.output), name=fresh(f"{base}.add")),
         ]
     del out.graph.node[:]
     out.graph.node.extend(replaced)
@@ -138,7 +134,6 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [i for i in out.graph.initializer if i.name in used or i.name in {o.name for o in out.graph.output}]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
-    del targets
     return out
 
 
