@@ -130,6 +130,11 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
         ]
     del out.graph.node[:]
     out.graph.node.extend(replaced)
+    reshaped = {n.input[k] for n in nodes for k in (1, 2)}
+    for values in (out.graph.value_info, out.graph.input):  # annotations of the old [C] shape
+        kept_values = [v for v in values if v.name not in reshaped]
+        del values[:]
+        values.extend(kept_values)
     used = {i for n in out.graph.node for i in n.input}
     kept = [i for i in out.graph.initializer if i.name in used or i.name in {o.name for o in out.graph.output}]
     del out.graph.initializer[:]
