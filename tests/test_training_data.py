@@ -653,3 +653,9 @@ def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
     affine = batchnorm_mod.to_frozen_affine(onnx.load(str(model)))
     trainable = set(_select(affine).trainable)
     assert gamma in trainable and not any(".mean" in n or ".std" in n for n in trainable)
+    # the trained model has its BatchNormalization back (the optimize pipeline folds it)
+    bn_nodes = [n for n in onnx.load(str(tmp_path / "out.onnx")).graph.node if n.op_type == "BatchNormalization"]
+    assert len(bn_nodes) == 1
+    x = np.random.default_rng(0).random((2, 3, 12, 12), dtype=np.float32)
+    same = runtime.run(str(tmp_path / "same.onnx"), {"image": x})[0]
+    assert np.abs(same - runtime.run(str(model), {"image": x})[0]).max() < 1e-5

@@ -142,6 +142,65 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def from_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of :func:`to_frozen_affine` on a trained model: every ``Sub(x, mean) -> Div(std)
+    -> Mul(gamma) -> Add(beta)`` chain it wrote (its node names end in ``.sub``/``.div``/``.mul``/
+    ``.add``; operands ``[C, 1, 1]`` initializers) is a BatchNormalization again, with ``gamma`` and
+    ``beta`` back to ``[C]``, ``var = std ** 2`` and ``epsilon`` 0 (what the trained graph computed,
+    up to rounding), so that the optimize pipeline folds it into its conv."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def only(name: str, op: str) -> onnx.NodeProto | None:
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and name not in graph_outputs else None
+
+    chains = []
+    for sub in model.graph.node:
+        if sub.op_type != "Sub" or not sub.name.endswith(".sub") or sub.input[1] not in inits:
+            continue
+        div = only(sub.output[0], "Div")
+        mul = div and only(div.output[0], "Mul")
+        add = mul and only(mul.output[0], "Add")
+        if not (add and div.input[1] in inits and mul.input[1] in inits and add.input[1] in inits
+                and all(n.name.endswith(t) for n, t in ((div, ".div"), (mul, ".mul"), (add, ".add")))):
+            continue
+        chains.append((sub, div, mul, add))
+    if not chains:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    drop = {id(n) for chain in chains for n in chain}
+    by_sub = {chain[0].name: chain for chain in chains}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in by_sub and node.op_type == "Sub":
+            sub, div, mul, add = by_sub[node.name]
+            mean = numpy_helper.to_array(inits[sub.input[1]]).reshape(-1)
+            std = numpy_helper.to_array(inits[div.input[1]]).reshape(-1).astype(np.float32)
+            for name in (mul.input[1], add.input[1]):
+                inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).reshape(-1), name))
+            inits[sub.input[1]].CopyFrom(numpy_helper.from_array(mean, sub.input[1]))
+            inits[div.input[1]].CopyFrom(numpy_helper.from_array(std * std, div.input[1]))
+            nodes.append(helper.make_node("BatchNormalization", [sub.input[0], mul.input[1], add.input[1], sub.input[1],
+                                                                 div.input[1]], list(add.output),
+                                          name=sub.name[:-len(".sub")], epsilon=0.0))
+        elif id(node) not in drop and not any(node.name == n.name and node.op_type == n.op_type
+                                              for chain in chains for n in chain):
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose BatchNormalization nodes run in inference mode (one output).
 

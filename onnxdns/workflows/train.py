@@ -228,7 +228,7 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
 
     written = None
     if not outcome.interrupted:
-        final = batchnorm_mod.to_inference_mode(inference_model(model, session))
+        final = batchnorm_mod.from_frozen_affine(batchnorm_mod.to_inference_mode(inference_model(model, session)))
         written = modelio.save_model(final, out, protect=(input_path,))
     summary: dict[str, Any] = {}
     for hook in hooks:
