@@ -241,6 +241,8 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param in symbols:
                 d.dim_value = symbols[d.dim_param]
+            elif d.HasField("dim_value") and d.dim_value < 0:  # -1: dynamic (paddle2onnx), inference fills it
+                d.Clear()
     del out.graph.value_info[:]
     return out
 
