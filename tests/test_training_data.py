@@ -566,6 +566,8 @@ def test_stride_equal_kernel_conv_transpose_distills(tmp_path):
     got = runtime.run(str(out), {"image": x})[0]
     want = runtime.run(str(model), {"image": x})[0]
     assert got.shape == want.shape == (1, 2, 16, 24) and np.abs(got - want).max() < 0.05
+    # the trained model has its ConvTranspose back (the rewrite is for the gradient only)
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("ConvTranspose") == 1
     from onnxdns.training.gradops import expand_for_gradients
 
     rewritten = expand_for_gradients(onnx.load(str(model)))
@@ -600,6 +602,9 @@ def test_nearest_integer_resize_distills(tmp_path):
     r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", iterations=3, batch_size=4, lr=0.01,
                   val_fraction=0.25, **FAST)
     assert r.loss == "distill" and r.steps == 3
+    trained = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in trained.graph.node].count("Resize") == 1 and not any(
+        n.op_type == "Expand" for n in trained.graph.node)
 
 
 def test_softmax_output_found_through_reshape():

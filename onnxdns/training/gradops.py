@@ -10,6 +10,8 @@ it has, before the training graph is built.
 * ``Resize`` nearest (``asymmetric``, ``floor``) by integer scales ``[1, 1, s_h, s_w]`` (the
   detector's FPN) becomes ``Reshape`` to ``[N, C, H, 1, W, 1]``, ``Expand`` to ``[N, C, H, s_h, W,
   s_w]`` and ``Reshape`` to ``[N, C, H s_h, W s_w]``: the same values (no ``ResizeGrad`` kernel either).
+* :func:`restore` turns both back in the trained model (the ConvTranspose with its trained
+  weights reordered): the rewrites exist for the gradient only, the operators run faster.
 * A model below opset 12 is converted to opset 12 (``onnx.version_converter``): the gradient of
   ``Clip`` uses ``LessOrEqual``, which opset 12 introduced.
 """
@@ -19,6 +21,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+#: ``doc_string`` prefix of the node that ends a rewrite: what :func:`restore` reads.
+MARK = "onnxdns.gradops:"
+
+
+def _mark(node: onnx.NodeProto, original: onnx.NodeProto, **info) -> None:
+    import json
+
+    node.doc_string = MARK + json.dumps({"node": original.SerializeToString().hex(), **info})
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -118,6 +129,7 @@ def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("Reshape", [x, split_shape], [split], name=fresh(f"{base}.reshape")))
         nodes.append(helper.make_node("Expand", [split, wide_shape], [wide], name=fresh(f"{base}.expand")))
         nodes.append(helper.make_node("Reshape", [wide, merged_shape], list(node.output), name=fresh(f"{base}.reshape")))
+        _mark(nodes[-1], node)
     del graph.node[:]
     graph.node.extend(nodes)
     return out
@@ -208,6 +220,7 @@ def _conv_transpose_as_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
         # [N, C, i, j, H, W] -> [N, C, H, i, W, j]
         nodes.append(helper.make_node("Transpose", [split], [moved], name=fresh(f"{base}.transpose"), perm=[0, 1, 4, 2, 5, 3]))
         nodes.append(helper.make_node("Reshape", [moved, merged_shape], list(node.output), name=fresh(f"{base}.reshape_merged")))
+        _mark(nodes[-1], node, weight=conv_inputs[1], bias=conv_inputs[2] if len(conv_inputs) > 2 else None, stride=s)
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
@@ -257,4 +270,53 @@ def _hardsigmoid_as_clip(model: onnx.ModelProto) -> onnx.ModelProto:
                                           min=0.0, max=1.0))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    return out
+
+
+def restore(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The trained ``model`` with every rewrite of :func:`expand_for_gradients` that has an
+    original node (``ConvTranspose``, ``Resize``) replaced by that node again: a ConvTranspose gets
+    the trained 1x1 weights reordered to ``[C_in, C_out, s, s]`` under its weight's name (and the
+    bias). Nodes only the rewrite used are removed. ``model`` itself is not changed."""
+    import json
+
+    if not any(n.doc_string.startswith(MARK) for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if not node.doc_string.startswith(MARK):
+            nodes.append(node)
+            continue
+        info = json.loads(node.doc_string[len(MARK):])
+        original = onnx.NodeProto.FromString(bytes.fromhex(info["node"]))
+        if original.op_type == "ConvTranspose":
+            s = int(info["stride"])
+            w = numpy_helper.to_array(inits[info["weight"]])  # [C_out * s * s, C_in, 1, 1]
+            c_in = w.shape[1]
+            c_out = w.shape[0] // (s * s)
+            weight = w.reshape(c_out, s, s, c_in).transpose(3, 0, 1, 2)
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), original.input[1]))
+            if info.get("bias"):
+                bias = numpy_helper.to_array(inits[info["bias"]]).reshape(c_out, s * s)[:, 0]
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias), original.input[2]))
+        nodes.append(original)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # drop what only the rewrites read (they are dead now), then unused initializers
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        live = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(live) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(live)
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return out

@@ -52,6 +52,7 @@ from onnxdns.training.loop import STATE_DIR, EpochRecord, Feeder, Trainer, has_c
 from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
 from onnxdns.training.gradops import MIN_OPSET as MIN_GRAD_OPSET, expand_for_gradients
+from onnxdns.training.gradops import restore as restore_gradient_rewrites
 from onnxdns.training.params import ParameterSet, lift_parameter_constants, select_parameters
 from onnxdns.training.session import TrainingSession
 from onnxdns.workflows.stages import jsonable
@@ -228,7 +229,8 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
 
     written = None
     if not outcome.interrupted:
-        final = batchnorm_mod.from_frozen_affine(batchnorm_mod.to_inference_mode(inference_model(model, session)))
+        final = restore_gradient_rewrites(batchnorm_mod.from_frozen_affine(
+            batchnorm_mod.to_inference_mode(inference_model(model, session))))
         written = modelio.save_model(final, out, protect=(input_path,))
     summary: dict[str, Any] = {}
     for hook in hooks:
