@@ -230,14 +230,14 @@ def _val_rule(kind: str, value: float, original_value: float) -> bool:
     return value >= 0.9
 
 
-def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, target: float) -> dict:
+def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, target: float, cpu: bool = True) -> dict:
     from onnxdns.api import optimize
 
     calib = ocr_metrics.open_folder(folder(data, kind, "train"), original, kind)
     options = {"calib_data": calib, "target_speedup": target, "cost": args.cost[kind],
                "calib_samples": args.calib_samples[kind], "cost_batch": TASK_BATCH[kind], "threads": args.threads,
                "seed": args.seed, "speed_check": kind == "det"}
-    result = optimize(original, out, target="cpu", passes=["sparse-lowrank", *_cpu_passes()],
+    result = optimize(original, out, target="cpu", passes=["sparse-lowrank", *(_cpu_passes() if cpu else [])],
                       data=_val_source(original, kind, data), pass_options={"sparse_lowrank": options})
     details = next(r.details for r in result.passes if r.name == "sparse-lowrank")
     check = details.get("speed_check", {})
@@ -277,12 +277,43 @@ def row_sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, c
             "details": chosen["details"]}
 
 
-def _train_options(kind: str, data: Path, args) -> dict:
+#: Training recipes of the trained rows (chosen on the val split; see the README section).
+#: ``batch_size`` 24 lines (classifier) / 4 pages (detector); ``lr`` SGD with momentum 0.9.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "cls": {
+        "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
+        "slim": {"epochs": 6, "finetune_epochs": 6, "lr": 0.003, "finetune_lr": 0.003, "batch_size": 24,
+                 "slim_lambda": 0.01, "prune_ratios": [0.5, 0.55, 0.6]},
+        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
+    },
+    "det": {
+        "dns": {"iterations": 120, "batch_size": 4, "lr": 0.0002},
+        "slim": {"iterations": 100, "finetune_iterations": 100, "lr": 0.0002, "finetune_lr": 0.0002, "batch_size": 4,
+                 "slim_lambda": 1e-4, "prune_ratios": [0.3]},
+        "sparse-lowrank-ft": {"iterations": 120, "batch_size": 4, "lr": 0.00002},
+    },
+}
+
+
+def _recipe(kind: str, row: str, args) -> dict:
+    recipe = dict(RECIPES[kind][row])
+    if args.iterations is not None:  # a shorter (or longer) run of every trained row
+        for key in ("iterations", "finetune_iterations"):
+            if key in recipe:
+                recipe[key] = args.iterations
+    return recipe
+
+
+def _train_options(kind: str, data: Path, args, recipe: dict) -> dict:
+    """The data, loss and schedule options of ``onnxdns.train`` for ``kind``: the rendered train
+    split (labels from the class folders for the classifier; distillation for the detector), the
+    val split for validation, the task's normalisation."""
     mean, std = (ocr_data.CLS_MEAN, ocr_data.CLS_STD) if kind == "cls" else (ocr_data.DET_MEAN, ocr_data.DET_STD)
-    return {"data": str(folder(data, kind, "train")), "val_data": str(folder(data, kind, "val")),
-            "loss": "ce" if kind == "cls" else "distill", "mean": list(mean), "std": list(std),
-            "iterations": args.iterations, "batch_size": TASK_BATCH[kind] * (4 if kind == "cls" else 1),
-            "seed": args.seed, "threads": args.threads, "progress": False}
+    options = {"data": str(folder(data, kind, "train")), "val_data": str(folder(data, kind, "val")),
+               "loss": "ce" if kind == "cls" else "distill", "mean": list(mean), "std": list(std),
+               "seed": args.seed, "threads": args.threads, "progress": False}
+    options.update({k: v for k, v in recipe.items() if k in ("iterations", "epochs", "batch_size", "lr", "schedule")})
+    return options
 
 
 def _require(name: str):
@@ -302,38 +333,97 @@ def _optimized(trained: Path, out: Path, kind: str, data: Path) -> None:
     optimize(trained, out, target="cpu", data=_val_source(trained, kind, data))
 
 
-def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+def _train(src: Path, out: Path, original: Path, method: str, options: dict) -> dict:
+    """``onnxdns.train`` of ``src`` into ``out`` (distillation learns from ``original``); its
+    checkpoint folder is removed afterwards. Returns the last epoch's validation figures."""
+    import shutil
+
     train = _require("train")
+    ckpt = out.with_name(f"{out.stem}.ckpt")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    result = train(src, out, method=method, teacher=original, checkpoint_dir=ckpt, **options)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    last = result.history[-1] if result.history else None
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "total_density": round(result.total_density, 4),
+            "last_val": {"loss": last.val_loss, **{k: round(v, 4) for k, v in (last.metrics or {}).items()}} if last else None}
+
+
+def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """DNS of the original (its BatchNorm frozen: trained as x * s + t from the stored statistics,
+    folded by optimize afterwards; a BN folded before training leaves weights SGD cannot train at
+    one learning rate), then optimized. DNS zeroes weights: the row reports non-zeros; dense CPU
+    kernels do not run faster."""
     trained = out.with_suffix(".trained.onnx")
-    options = _train_options(kind, data, args)
-    train(original, trained, method="dns", **options)
+    recipe = _recipe(kind, "dns", args)
+    options = _train_options(kind, data, args, recipe)
+    summary = _train(original, trained, original, "dns", options)
     _optimized(trained, out, kind, data)
     trained.unlink()
-    return {"train": options}
+    return {"train": {**options, "method": "dns"}, "result": summary}
 
 
 def row_slim(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """Network Slimming (``onnxdns.slim``): sparsity training on the channel scales (the
+    classifier's BatchNorm gamma and inserted scales where a conv has no BatchNorm; the detector:
+    inserted scales on its BN-folded convs, loss distillation), pruning at each ratio of the
+    recipe (the sparsity stage is shared), fine-tuning, optimize. Kept: the largest ratio whose
+    model meets the val rule, else the smallest."""
     slim = _require("slim")
-    options = _train_options(kind, data, args)
-    slim(original, out, **options)
-    return {"slim": options}
+    recipe = _recipe(kind, "slim", args)
+    src = original
+    if kind == "det":  # BatchNorm folded first: slim trains inserted scales (fine-tuning distills from it)
+        src = out.with_suffix(".folded.tmp.onnx")
+        _optimized(original, src, kind, data)
+    options = _train_options(kind, data, args, recipe)
+    for key in ("iterations", "epochs", "lr", "threads", "progress"):
+        options.pop(key, None)
+    stage = {k: recipe[k] for k in ("epochs", "finetune_epochs", "lr", "finetune_lr") if k in recipe}
+    if "iterations" in recipe:  # slim's stages count epochs: iterations as a fraction of one
+        steps = len(list(Path(folder(data, kind, "train")).rglob("*.png"))) / recipe["batch_size"]
+        stage["epochs"] = recipe["iterations"] / steps
+        stage["finetune_epochs"] = recipe["finetune_iterations"] / steps
+    original_val = cache.setdefault("original_val", val_fidelity(kind, original, original, data, cache))
+    work = OUT_DIR / "work" / f"{kind}_slim"
+    sweep = []
+    for ratio in recipe["prune_ratios"]:
+        path = out.with_name(f"{out.stem}.r{ratio:g}.tmp.onnx")
+        result = slim(src, path, slim_lambda=recipe["slim_lambda"], prune_ratio=ratio, work_dir=work, threads=args.threads,
+                      progress=False, **stage, **options)
+        value = val_fidelity(kind, path, original, data, cache)
+        sweep.append({"prune_ratio": ratio, "path": path, "val": round(value, 4),
+                      "val_rule_met": _val_rule(kind, value, original_val), "macs": stats(path, kind)["macs"],
+                      "stages": [{"name": r.name, "reused": r.reused, "seconds": r.seconds} for r in result.stages]})
+        log.info("%s slim ratio %g: val %.4f (original %.4f), MACs %d", kind, ratio, value, original_val,
+                 sweep[-1]["macs"])
+    passing = [s for s in sweep if s["val_rule_met"]]
+    chosen = max(passing, key=lambda s: s["prune_ratio"]) if passing else min(sweep, key=lambda s: s["prune_ratio"])
+    os.replace(chosen["path"], out)
+    for s in sweep:
+        Path(s["path"]).unlink(missing_ok=True)
+    if src != original:
+        src.unlink()
+    return {"chosen_prune_ratio": chosen["prune_ratio"], "chosen_by": "val split", "original_val": round(original_val, 4),
+            "val_rule_met": chosen["val_rule_met"], "slim_lambda": recipe["slim_lambda"], **stage,
+            "train": options, "sweep": [{k: v for k, v in s.items() if k != "path"} for s in sweep]}
 
 
 def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
     """sparse-lowrank at ``--{kind}-ft-target`` (beyond what the split alone keeps on val: the
-    fine-tuning recovers the rest), fine-tuned (``method="none"``), then optimized."""
-    train = _require("train")
+    fine-tuning recovers the rest), fine-tuned (``method="none"``; the detector distills from the
+    original), then optimized."""
     split = out.with_suffix(".split.onnx")
     target = args.ft_target[kind]
-    details = _sparse_lowrank(original, split, kind, data, args, target)
+    details = _sparse_lowrank(original, split, kind, data, args, target, cpu=False)  # BatchNorm folded after training
     details["val_before_finetuning"] = round(val_fidelity(kind, split, original, data, cache), 4)
-    options = _train_options(kind, data, args)
+    recipe = _recipe(kind, "sparse-lowrank-ft", args)
+    options = _train_options(kind, data, args, recipe)
     trained = out.with_suffix(".trained.onnx")
-    train(split, trained, method="none", **options)
+    summary = _train(split, trained, original, "none", options)
     _optimized(trained, out, kind, data)
+    details["val_after_finetuning"] = round(val_fidelity(kind, out, original, data, cache), 4)
     split.unlink()
     trained.unlink()
-    return {"sparse_lowrank": details, "train": options}
+    return {"sparse_lowrank": details, "train": {**options, "method": "none"}, "result": summary}
 
 
 ROWS: dict[str, Callable[..., dict]] = {
@@ -411,13 +501,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse-lowrank targets tried for the classifier (cost macs: MAC ratios; default 1.5,2,3)")
     p.add_argument("--det-targets", default="1.5,2",
                    help="sparse-lowrank targets tried for the detector (cost latency; default 1.5,2)")
-    p.add_argument("--cls-ft-target", type=float, default=2.5, help="sparse-lowrank target before fine-tuning")
-    p.add_argument("--det-ft-target", type=float, default=3.0, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--cls-ft-target", type=float, default=2.4, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--det-ft-target", type=float, default=3.5, help="sparse-lowrank target before fine-tuning")
     p.add_argument("--cls-calib-samples", type=int, default=256, help="calibration lines (default 256)")
     p.add_argument("--det-calib-samples", type=int, default=32, help="calibration pages (default 32)")
     p.add_argument("--latency-seconds", type=float, default=3.0,
                    help="timed seconds per model pair and batch (default 3)")
-    p.add_argument("--iterations", type=int, default=300, help="training iterations of the trained rows")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="training iterations of every trained row (default: each row's recipe, RECIPES)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
     p.add_argument("--out", type=Path, default=RESULTS / "ocr.json")
     args = p.parse_args(argv)
