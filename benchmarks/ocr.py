@@ -281,13 +281,13 @@ def row_sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, c
 #: ``batch_size`` 24 lines (classifier) / 4 pages (detector); ``lr`` SGD with momentum 0.9.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "cls": {
-        "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine", "dns_c": "0.5", "dns_ramp": 300},
-        "slim": {"epochs": 6, "finetune_epochs": 6, "lr": 0.003, "finetune_lr": 0.003, "batch_size": 24,
-                 "slim_lambda": 0.01, "prune_ratios": [0.5, 0.55, 0.6]},
-        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
+        "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine", "dns_c": "-0.8", "dns_ramp": 300},
+        "slim": {"epochs": 6, "finetune_epochs": 12, "lr": 0.003, "finetune_lr": 0.001, "batch_size": 24,
+                 "slim_lambda": 0.01, "prune_ratios": [0.45, 0.5, 0.55]},
+        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.0005, "schedule": "cosine"},
     },
     "det": {
-        "dns": {"iterations": 120, "batch_size": 4, "lr": 0.00002, "dns_c": "0.5", "dns_ramp": 60},
+        "dns": {"iterations": 120, "batch_size": 4, "lr": 0.00002, "dns_c": "-0.8", "dns_ramp": 60},
         "slim": {"iterations": 100, "finetune_iterations": 100, "lr": 0.0002, "finetune_lr": 0.0002, "batch_size": 4,
                  "slim_lambda": 1e-4, "prune_ratios": [0.3]},
         "sparse-lowrank-ft": {"iterations": 120, "batch_size": 4, "lr": 0.00002},
