@@ -21,14 +21,19 @@ Rows (``--methods``, default ``optimize,sparse-lowrank``; ``original`` is always
   else the smallest. The classifier's targets are MAC ratios (cost model ``macs``, the pass's
   latency check off: its target is MACs); the detector's are CPU speed-ups (cost model
   ``latency``, and the pass undoes the splits it does not measure faster);
-* ``dns``, ``slim``, ``sparse-lowrank-ft``: Dynamic Network Surgery, Network Slimming through
-  inserted channel scales, sparse-lowrank then fine-tuning, each trained from the rendered folders
-  (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``, ``loss="ce"`` for the
-  classifier, ``"distill"`` for the detector) and then optimized. They need the data interface of
-  issue 11 in ``train``/``slim``; a row whose API call is refused is reported as not run, with
-  the reason. ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` / ``--det-ft-target`` (further
-  than the split alone keeps on val) and records the val fidelity before fine-tuning.
-  A run of some ``--methods`` keeps the JSON's other rows measured on the same original and data.
+* ``dns``, ``slim``, ``sparse-lowrank-ft``: Dynamic Network Surgery, Network Slimming (BatchNorm
+  gammas and inserted channel scales), sparse-lowrank then fine-tuning, each trained from the
+  rendered folders (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``,
+  ``loss="ce"`` for the classifier, ``"distill"`` from the original for the detector) with the
+  recipes of :data:`RECIPES`, then optimized. BatchNorm stays in the model through training
+  (frozen: trained as ``(x - mean) / std * gamma + beta``; slim: training mode) and is folded by
+  ``optimize`` afterwards. ``slim`` keeps the largest prune ratio of its recipe whose model meets
+  the val rule (else the smallest). ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` /
+  ``--det-ft-target`` (further than the split alone keeps on val) and records the val fidelity
+  before and after fine-tuning. A row whose training raises is reported as not run, with the
+  reason. A run of some ``--methods`` keeps the JSON's other rows measured on the same original
+  and data. Latency is measured ``--latency-repeats`` times side by side (the spread of the
+  speed-ups is recorded); ``--latency-only`` re-measures the recorded rows.
 
 Targets (issue 11): classifier >= 2x fewer MACs at <= 1 pt accuracy loss; detector >= 1.5x
 CPU speed-up at batch 1 with mean map IoU >= 0.9. The JSON states whether each row meets them.
@@ -36,7 +41,8 @@ The ONNX files of the rows are kept in ``benchmarks/results/ocr/`` (each at most
 originals are the wheel's files (path and SHA-256 in the JSON).
 
     python benchmarks/ocr.py                       # data in benchmarks/results/ocr/data (rendered if absent)
-    python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns
+    python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns,slim,sparse-lowrank-ft --threads 1
+    python benchmarks/ocr.py --models det --methods optimize,sparse-lowrank,sparse-lowrank-ft,dns --threads 2
 """
 
 from __future__ import annotations
