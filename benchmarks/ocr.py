@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse-lowrank targets tried for the classifier (cost macs: MAC ratios; default 1.5,2,3)")
     p.add_argument("--det-targets", default="1.5,2",
                    help="sparse-lowrank targets tried for the detector (cost latency; default 1.5,2)")
-    p.add_argument("--cls-ft-target", type=float, default=2.4, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--cls-ft-target", type=float, default=2.6, help="sparse-lowrank target before fine-tuning")
     p.add_argument("--det-ft-target", type=float, default=3.5, help="sparse-lowrank target before fine-tuning")
     p.add_argument("--cls-calib-samples", type=int, default=256, help="calibration lines (default 256)")
     p.add_argument("--det-calib-samples", type=int, default=32, help="calibration pages (default 32)")
