@@ -290,7 +290,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine", "dns_c": "-0.8", "dns_ramp": 300},
         "slim": {"epochs": 6, "finetune_epochs": 12, "lr": 0.003, "finetune_lr": 0.001, "batch_size": 24,
                  "slim_lambda": 0.01, "prune_ratios": [0.45, 0.5, 0.55]},
-        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.0005, "schedule": "cosine"},
+        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
     },
     "det": {
         "dns": {"iterations": 120, "batch_size": 4, "lr": 0.00002, "dns_c": "-0.8", "dns_ramp": 60},
