@@ -21,14 +21,19 @@ Rows (``--methods``, default ``optimize,sparse-lowrank``; ``original`` is always
   else the smallest. The classifier's targets are MAC ratios (cost model ``macs``, the pass's
   latency check off: its target is MACs); the detector's are CPU speed-ups (cost model
   ``latency``, and the pass undoes the splits it does not measure faster);
-* ``dns``, ``slim``, ``sparse-lowrank-ft``: Dynamic Network Surgery, Network Slimming through
-  inserted channel scales, sparse-lowrank then fine-tuning, each trained from the rendered folders
-  (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``, ``loss="ce"`` for the
-  classifier, ``"distill"`` for the detector) and then optimized. They need the data interface of
-  issue 11 in ``train``/``slim``; a row whose API call is refused is reported as not run, with
-  the reason. ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` / ``--det-ft-target`` (further
-  than the split alone keeps on val) and records the val fidelity before fine-tuning.
-  A run of some ``--methods`` keeps the JSON's other rows measured on the same original and data.
+* ``dns``, ``slim``, ``sparse-lowrank-ft``: Dynamic Network Surgery, Network Slimming (BatchNorm
+  gammas and inserted channel scales), sparse-lowrank then fine-tuning, each trained from the
+  rendered folders (``onnxdns.train`` / ``onnxdns.slim`` with ``data=train``, ``val_data=val``,
+  ``loss="ce"`` for the classifier, ``"distill"`` from the original for the detector) with the
+  recipes of :data:`RECIPES`, then optimized. BatchNorm stays in the model through training
+  (frozen: trained as ``(x - mean) / std * gamma + beta``; slim: training mode) and is folded by
+  ``optimize`` afterwards. ``slim`` keeps the largest prune ratio of its recipe whose model meets
+  the val rule (else the smallest). ``sparse-lowrank-ft`` splits at ``--cls-ft-target`` /
+  ``--det-ft-target`` (further than the split alone keeps on val) and records the val fidelity
+  before and after fine-tuning. A row whose training raises is reported as not run, with the
+  reason. A run of some ``--methods`` keeps the JSON's other rows measured on the same original
+  and data. Latency is measured ``--latency-repeats`` times side by side (the spread of the
+  speed-ups is recorded); ``--latency-only`` re-measures the recorded rows.
 
 Targets (issue 11): classifier >= 2x fewer MACs at <= 1 pt accuracy loss; detector >= 1.5x
 CPU speed-up at batch 1 with mean map IoU >= 0.9. The JSON states whether each row meets them.
@@ -36,7 +41,8 @@ The ONNX files of the rows are kept in ``benchmarks/results/ocr/`` (each at most
 originals are the wheel's files (path and SHA-256 in the JSON).
 
     python benchmarks/ocr.py                       # data in benchmarks/results/ocr/data (rendered if absent)
-    python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns
+    python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns,slim,sparse-lowrank-ft --threads 1
+    python benchmarks/ocr.py --models det --methods optimize,sparse-lowrank,sparse-lowrank-ft,dns --threads 2
 """
 
 from __future__ import annotations
@@ -230,14 +236,14 @@ def _val_rule(kind: str, value: float, original_value: float) -> bool:
     return value >= 0.9
 
 
-def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, target: float) -> dict:
+def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, target: float, cpu: bool = True) -> dict:
     from onnxdns.api import optimize
 
     calib = ocr_metrics.open_folder(folder(data, kind, "train"), original, kind)
     options = {"calib_data": calib, "target_speedup": target, "cost": args.cost[kind],
                "calib_samples": args.calib_samples[kind], "cost_batch": TASK_BATCH[kind], "threads": args.threads,
                "seed": args.seed, "speed_check": kind == "det"}
-    result = optimize(original, out, target="cpu", passes=["sparse-lowrank", *_cpu_passes()],
+    result = optimize(original, out, target="cpu", passes=["sparse-lowrank", *(_cpu_passes() if cpu else [])],
                       data=_val_source(original, kind, data), pass_options={"sparse_lowrank": options})
     details = next(r.details for r in result.passes if r.name == "sparse-lowrank")
     check = details.get("speed_check", {})
@@ -277,12 +283,44 @@ def row_sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, c
             "details": chosen["details"]}
 
 
-def _train_options(kind: str, data: Path, args) -> dict:
+#: Training recipes of the trained rows (chosen on the val split; see the README section).
+#: ``batch_size`` 24 lines (classifier) / 4 pages (detector); ``lr`` SGD with momentum 0.9.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "cls": {
+        "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine", "dns_c": "-0.8", "dns_ramp": 300},
+        "slim": {"epochs": 6, "finetune_epochs": 12, "lr": 0.003, "finetune_lr": 0.001, "batch_size": 24,
+                 "slim_lambda": 0.01, "prune_ratios": [0.45, 0.5, 0.55]},
+        "sparse-lowrank-ft": {"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
+    },
+    "det": {
+        "dns": {"iterations": 120, "batch_size": 4, "lr": 0.00002, "dns_c": "-0.8", "dns_ramp": 60},
+        "slim": {"iterations": 100, "finetune_iterations": 100, "lr": 0.0002, "finetune_lr": 0.0002, "batch_size": 4,
+                 "slim_lambda": 1e-4, "prune_ratios": [0.3]},
+        "sparse-lowrank-ft": {"iterations": 120, "batch_size": 4, "lr": 0.00002},
+    },
+}
+
+
+def _recipe(kind: str, row: str, args) -> dict:
+    recipe = dict(RECIPES[kind][row])
+    if args.iterations is not None:  # a shorter (or longer) run of every trained row
+        for key in ("iterations", "finetune_iterations"):
+            if key in recipe:
+                recipe[key] = args.iterations
+    return recipe
+
+
+def _train_options(kind: str, data: Path, args, recipe: dict) -> dict:
+    """The data, loss and schedule options of ``onnxdns.train`` for ``kind``: the rendered train
+    split (labels from the class folders for the classifier; distillation for the detector), the
+    val split for validation, the task's normalisation."""
     mean, std = (ocr_data.CLS_MEAN, ocr_data.CLS_STD) if kind == "cls" else (ocr_data.DET_MEAN, ocr_data.DET_STD)
-    return {"data": str(folder(data, kind, "train")), "val_data": str(folder(data, kind, "val")),
-            "loss": "ce" if kind == "cls" else "distill", "mean": list(mean), "std": list(std),
-            "iterations": args.iterations, "batch_size": TASK_BATCH[kind] * (4 if kind == "cls" else 1),
-            "seed": args.seed, "threads": args.threads, "progress": False}
+    options = {"data": str(folder(data, kind, "train")), "val_data": str(folder(data, kind, "val")),
+               "loss": "ce" if kind == "cls" else "distill", "mean": list(mean), "std": list(std),
+               "seed": args.seed, "threads": args.threads, "progress": False}
+    options.update({k: v for k, v in recipe.items()
+                    if k in ("iterations", "epochs", "batch_size", "lr", "schedule", "dns_c", "dns_ramp")})
+    return options
 
 
 def _require(name: str):
@@ -302,38 +340,97 @@ def _optimized(trained: Path, out: Path, kind: str, data: Path) -> None:
     optimize(trained, out, target="cpu", data=_val_source(trained, kind, data))
 
 
-def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+def _train(src: Path, out: Path, original: Path, method: str, options: dict) -> dict:
+    """``onnxdns.train`` of ``src`` into ``out`` (distillation learns from ``original``); its
+    checkpoint folder is removed afterwards. Returns the last epoch's validation figures."""
+    import shutil
+
     train = _require("train")
+    ckpt = out.with_name(f"{out.stem}.ckpt")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    result = train(src, out, method=method, teacher=original, checkpoint_dir=ckpt, **options)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    last = result.history[-1] if result.history else None
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "total_density": round(result.total_density, 4),
+            "last_val": {"loss": last.val_loss, **{k: round(v, 4) for k, v in (last.metrics or {}).items()}} if last else None}
+
+
+def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """DNS of the original (its BatchNorm frozen: trained as x * s + t from the stored statistics,
+    folded by optimize afterwards; a BN folded before training leaves weights SGD cannot train at
+    one learning rate), then optimized. DNS zeroes weights: the row reports non-zeros; dense CPU
+    kernels do not run faster."""
     trained = out.with_suffix(".trained.onnx")
-    options = _train_options(kind, data, args)
-    train(original, trained, method="dns", **options)
+    recipe = _recipe(kind, "dns", args)
+    options = _train_options(kind, data, args, recipe)
+    summary = _train(original, trained, original, "dns", options)
     _optimized(trained, out, kind, data)
     trained.unlink()
-    return {"train": options}
+    return {"train": {**options, "method": "dns"}, "result": summary}
 
 
 def row_slim(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
+    """Network Slimming (``onnxdns.slim``): sparsity training on the channel scales (the
+    classifier's BatchNorm gamma and inserted scales where a conv has no BatchNorm; the detector:
+    inserted scales on its BN-folded convs, loss distillation), pruning at each ratio of the
+    recipe (the sparsity stage is shared), fine-tuning, optimize. Kept: the largest ratio whose
+    model meets the val rule, else the smallest."""
     slim = _require("slim")
-    options = _train_options(kind, data, args)
-    slim(original, out, **options)
-    return {"slim": options}
+    recipe = _recipe(kind, "slim", args)
+    src = original
+    if kind == "det":  # BatchNorm folded first: slim trains inserted scales (fine-tuning distills from it)
+        src = out.with_suffix(".folded.tmp.onnx")
+        _optimized(original, src, kind, data)
+    options = _train_options(kind, data, args, recipe)
+    for key in ("iterations", "epochs", "lr", "threads", "progress"):
+        options.pop(key, None)
+    stage = {k: recipe[k] for k in ("epochs", "finetune_epochs", "lr", "finetune_lr") if k in recipe}
+    if "iterations" in recipe:  # slim's stages count epochs: iterations as a fraction of one
+        steps = len(list(Path(folder(data, kind, "train")).rglob("*.png"))) / recipe["batch_size"]
+        stage["epochs"] = recipe["iterations"] / steps
+        stage["finetune_epochs"] = recipe["finetune_iterations"] / steps
+    original_val = cache.setdefault("original_val", val_fidelity(kind, original, original, data, cache))
+    work = OUT_DIR / "work" / f"{kind}_slim"
+    sweep = []
+    for ratio in recipe["prune_ratios"]:
+        path = out.with_name(f"{out.stem}.r{ratio:g}.tmp.onnx")
+        result = slim(src, path, slim_lambda=recipe["slim_lambda"], prune_ratio=ratio, work_dir=work, threads=args.threads,
+                      progress=False, **stage, **options)
+        value = val_fidelity(kind, path, original, data, cache)
+        sweep.append({"prune_ratio": ratio, "path": path, "val": round(value, 4),
+                      "val_rule_met": _val_rule(kind, value, original_val), "macs": stats(path, kind)["macs"],
+                      "stages": [{"name": r.name, "reused": r.reused, "seconds": r.seconds} for r in result.stages]})
+        log.info("%s slim ratio %g: val %.4f (original %.4f), MACs %d", kind, ratio, value, original_val,
+                 sweep[-1]["macs"])
+    passing = [s for s in sweep if s["val_rule_met"]]
+    chosen = max(passing, key=lambda s: s["prune_ratio"]) if passing else min(sweep, key=lambda s: s["prune_ratio"])
+    os.replace(chosen["path"], out)
+    for s in sweep:
+        Path(s["path"]).unlink(missing_ok=True)
+    if src != original:
+        src.unlink()
+    return {"chosen_prune_ratio": chosen["prune_ratio"], "chosen_by": "val split", "original_val": round(original_val, 4),
+            "val_rule_met": chosen["val_rule_met"], "slim_lambda": recipe["slim_lambda"], **stage,
+            "train": options, "sweep": [{k: v for k, v in s.items() if k != "path"} for s in sweep]}
 
 
 def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
     """sparse-lowrank at ``--{kind}-ft-target`` (beyond what the split alone keeps on val: the
-    fine-tuning recovers the rest), fine-tuned (``method="none"``), then optimized."""
-    train = _require("train")
+    fine-tuning recovers the rest), fine-tuned (``method="none"``; the detector distills from the
+    original), then optimized."""
     split = out.with_suffix(".split.onnx")
     target = args.ft_target[kind]
-    details = _sparse_lowrank(original, split, kind, data, args, target)
+    details = _sparse_lowrank(original, split, kind, data, args, target, cpu=False)  # BatchNorm folded after training
     details["val_before_finetuning"] = round(val_fidelity(kind, split, original, data, cache), 4)
-    options = _train_options(kind, data, args)
+    recipe = _recipe(kind, "sparse-lowrank-ft", args)
+    options = _train_options(kind, data, args, recipe)
     trained = out.with_suffix(".trained.onnx")
-    train(split, trained, method="none", **options)
+    summary = _train(split, trained, original, "none", options)
     _optimized(trained, out, kind, data)
+    details["val_after_finetuning"] = round(val_fidelity(kind, out, original, data, cache), 4)
     split.unlink()
     trained.unlink()
-    return {"sparse_lowrank": details, "train": options}
+    return {"sparse_lowrank": details, "train": {**options, "method": "none"}, "result": summary}
 
 
 ROWS: dict[str, Callable[..., dict]] = {
@@ -360,7 +457,13 @@ def run_row(name: str, kind: str, original: Path, data: Path, args, cache: dict,
            "details": details, "stats": stats(out, kind)}
     if row["stats"]["file_bytes"] > MAX_FILE_BYTES:
         raise SystemExit(f"ocr: error: {out} is {row['stats']['file_bytes']} bytes, over the 10 MB limit")
-    row["latency"] = latency(original, out, kind, data, args.threads, args.latency_seconds)
+    # repeated side-by-side measurements (another benchmark may share the cores): the first is the
+    # row's latency, the spread of the speed-ups over all of them is recorded next to it
+    runs = [latency(original, out, kind, data, args.threads, args.latency_seconds) for _ in range(args.latency_repeats)]
+    row["latency"] = runs[0]
+    row["latency_spread"] = {b: {"speedups": [r[b]["speedup"] for r in runs],
+                                 "min": min(r[b]["speedup"] for r in runs), "max": max(r[b]["speedup"] for r in runs),
+                                 "median": float(np.median([r[b]["speedup"] for r in runs]))} for b in runs[0]}
     row["fidelity"] = fidelity(kind, out, original, data, cache)
     row["targets"] = targets(kind, row, base)
     log.info("%s %s: %s", kind, name, json.dumps({k: row[k] for k in ("stats", "latency", "fidelity", "targets")}))
@@ -411,16 +514,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse-lowrank targets tried for the classifier (cost macs: MAC ratios; default 1.5,2,3)")
     p.add_argument("--det-targets", default="1.5,2",
                    help="sparse-lowrank targets tried for the detector (cost latency; default 1.5,2)")
-    p.add_argument("--cls-ft-target", type=float, default=2.5, help="sparse-lowrank target before fine-tuning")
-    p.add_argument("--det-ft-target", type=float, default=3.0, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--cls-ft-target", type=float, default=2.6, help="sparse-lowrank target before fine-tuning")
+    p.add_argument("--det-ft-target", type=float, default=3.5, help="sparse-lowrank target before fine-tuning")
     p.add_argument("--cls-calib-samples", type=int, default=256, help="calibration lines (default 256)")
     p.add_argument("--det-calib-samples", type=int, default=32, help="calibration pages (default 32)")
     p.add_argument("--latency-seconds", type=float, default=3.0,
                    help="timed seconds per model pair and batch (default 3)")
-    p.add_argument("--iterations", type=int, default=300, help="training iterations of the trained rows")
+    p.add_argument("--latency-repeats", type=int, default=3,
+                   help="side-by-side latency measurements per row (spread recorded; default 3)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="training iterations of every trained row (default: each row's recipe, RECIPES)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only re-measure the latency of the rows recorded in --out (--latency-repeats times each)")
     p.add_argument("--out", type=Path, default=RESULTS / "ocr.json")
     args = p.parse_args(argv)
+    args.methods_given = any(a == "--methods" or a.startswith("--methods=") for a in (argv or sys.argv[1:]))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "original"]
     bad = [m for m in args.models if m not in SHAPES] + [m for m in args.methods if m not in METHODS]
@@ -455,6 +564,24 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {"binarize_threshold": ocr_metrics.THRESH, "box_thresh": ocr_metrics.BOX_THRESH,
                     "box_match_iou": ocr_metrics.MATCH_IOU, "fidelity_split": "test"},
     })
+    if args.latency_only:  # re-measure the recorded rows' latency side by side, repeatedly
+        for kind in args.models:
+            original = wheel_model(kind)
+            for name, row in results["models"].get(kind, {}).get("rows", {}).items():
+                if name == "original" or row.get("status") != "ok" or (args.methods_given and name not in args.methods):
+                    continue
+                runs = [latency(original, ROOT / row["file"], kind, args.data, args.threads, args.latency_seconds)
+                        for _ in range(args.latency_repeats)]
+                row["latency_spread"] = {b: {"speedups": [r[b]["speedup"] for r in runs],
+                                             "min": min(r[b]["speedup"] for r in runs),
+                                             "max": max(r[b]["speedup"] for r in runs),
+                                             "median": float(np.median([r[b]["speedup"] for r in runs]))}
+                                         for b in runs[0]}
+                log.info("%s %s latency spread: %s", kind, name, json.dumps(row["latency_spread"]))
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.out)
+        return 0
     for kind in args.models:
         t0 = time.perf_counter()
         results["models"][kind] = run_model(kind, args.data, args, results["models"].get(kind))

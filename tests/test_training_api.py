@@ -168,3 +168,25 @@ def test_average_pool_model_trains(tmp_path):
     assert r.steps == 4 and r.history[-1].test_loss > 0
     training = onnx.load(str(r.checkpoint_dir / api.ARTIFACTS_DIR / artifacts.TRAINING_MODEL))
     assert training.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 32
+
+
+def test_weights_in_constant_nodes_train(models, tmp_path):
+    """Exporters such as paddle2onnx (the PP-OCR models) store weights as ``Constant`` nodes, not
+    initializers: training lifts them into trainable initializers (exact) instead of finding none."""
+    model = onnx.load(str(models["lenet-300-100"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = [onnx.helper.make_node("Constant", [], [name], value=inits[name]) for name in inits]
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    src = tmp_path / "constants.onnx"
+    onnx.save(model, str(src))
+    r = api.train(src, tmp_path / "out.onnx", method="dns", iterations=3, subset=256, test_subset=100, batch_size=32,
+                  dns_c="0.5", threads=1, progress=False)
+    assert r.steps == 3
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    trained = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    weights = [n for n, t in inits.items() if len(t.dims) == 2]
+    assert weights and all(n in trained for n in weights)
+    assert any(not np.array_equal(trained[n], numpy_helper.to_array(inits[n])) for n in weights)

@@ -134,3 +134,21 @@ def test_checkpoint_restores_momentum(masked_lenet5, tmp_path):
         resumed.train_step([x, y], 0.05)
     for name, value in session.parameters().items():
         np.testing.assert_array_equal(resumed.get(name), value, err_msg=name)
+
+
+def test_with_input_shapes_takes_minus_one_as_dynamic():
+    """paddle2onnx writes a dynamic batch as dim_value -1 (the PP-OCR classifier: [-1, 3, ?, ?]):
+    it is dynamic, not a fixed size that differs from the data's; a fixed size that differs is refused."""
+    from onnx import TensorProto, helper
+
+    def model(dims):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)  # -1 output too (the split classifier)
+        return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+
+    fixed = artifacts.with_input_shapes(model([-1, 3, "h", "w"]), {"x": (4, 3, 8, 16)})
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 8, 16]
+    assert all(d.dim_value >= 0 for d in fixed.graph.output[0].type.tensor_type.shape.dim)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(fixed, strict_mode=True))
+    with pytest.raises(OnnxdnsError, match="has shape"):
+        artifacts.with_input_shapes(model([2, 3, 8, 16]), {"x": (4, 3, 8, 16)})

@@ -20,6 +20,7 @@ from PIL import Image
 from clikit import assert_user_error, run
 from onnxdns import runtime
 from onnxdns.training import artifacts, loop, losses
+from onnxdns.training import batchnorm as batchnorm_mod
 from onnxdns.workflows import train as api
 from onnxdns.training.config import TrainConfig
 from onnxdns.training.methods import get_method
@@ -450,3 +451,216 @@ def test_fidelity_metrics():
     m.add_fidelity({"logits": np.zeros((2, 4)), "map": np.zeros((2, 2, 3))},
                    {"logits": np.ones((2, 4)), "map": np.ones((2, 2, 3))})
     assert m.values()["cosine/logits"] == 0.0 and m.values()["rel_l2/map"] == 1.0
+
+
+class _SoftmaxNet(ConvNet):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=1)
+
+
+def test_ce_on_opset_11_softmax_output(tmp_path):
+    """An opset-11 classifier whose output is already a softmax (the PP-OCR direction classifier):
+    ``ce`` builds with opset-11 ops (SoftmaxCrossEntropyLoss is opset 12) and takes the log of the
+    probabilities (a second softmax would starve the gradient of wrong predictions); it learns."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_SoftmaxNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
+                          input_names=["image"], output_names=["probs"],
+                          dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}})
+    model = tmp_path / "softmax11.onnx"
+    model.write_bytes(buf.getvalue())
+    folder = _class_folder(tmp_path / "classes")
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", epochs=8, batch_size=8, lr=0.2,
+                  val_fraction=0.25, **{**FAST, "momentum": 0.9})
+    assert r.loss == "ce" and r.final_accuracy >= 0.8
+    first, last = r.history[0].train_loss, r.history[-1].train_loss
+    assert last < first
+
+
+class _HardSigmoidNet(ConvNet):
+    def forward(self, x):
+        f = torch.nn.functional.hardsigmoid(self.conv(x))  # ONNX HardSigmoid: no gradient in onnxruntime 1.19
+        return self.fc(f.mean(dim=(2, 3)))
+
+
+def test_hardsigmoid_model_trains(tmp_path):
+    """MobileNetV3-style models (PP-OCR) use HardSigmoid, which onnxruntime-training 1.19 has no
+    gradient for: training rewrites it as Clip(alpha * x + beta, 0, 1) (the same values) and learns.
+    At opset 11 (the PP-OCR classifier), where Clip's gradient needs opset 12's LessOrEqual, the
+    training model is converted to opset 12."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_HardSigmoidNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    model = tmp_path / "hs.onnx"
+    model.write_bytes(buf.getvalue())
+    assert any(n.op_type == "HardSigmoid" for n in onnx.load(str(model)).graph.node)
+    folder = _class_folder(tmp_path / "classes")
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", epochs=2, batch_size=8, lr=0.1,
+                  val_fraction=0.25, **FAST)
+    assert r.steps > 0 and r.history[-1].train_loss < r.history[0].train_loss * 2
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert not any(n.op_type == "HardSigmoid" for n in out.graph.node)
+
+
+class _BatchNormNet(ConvNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.bn.running_mean.uniform_(-0.1, 0.1)  # distinct values: exported as initializers of their own
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        f = torch.nn.functional.hardsigmoid(self.bn(self.conv(x)))
+        return self.fc(f.mean(dim=(2, 3)))
+
+
+def test_opset_11_batchnorm_trains_in_training_mode(tmp_path):
+    """BatchNorm in training mode (slim's default) needs opset 14's training_mode: an opset-11 model
+    with BatchNorm (the PP-OCR classifier) is converted to opset 14 instead of refused, and its
+    running statistics are written back."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_BatchNormNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
+                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    model = tmp_path / "bn11.onnx"
+    model.write_bytes(buf.getvalue())
+    folder = _class_folder(tmp_path / "classes")
+    before = _weights(model)
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", batchnorm="train", epochs=1,
+                  batch_size=8, lr=0.05, val_fraction=0.25, **FAST)
+    assert r.steps > 0
+    after = _weights(tmp_path / "out.onnx")
+    mean = next(n for n in before if n.endswith("running_mean"))  # written back from the batch statistics
+    assert not np.allclose(before[mean], after[mean])
+
+
+class _UpsampleNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        return torch.sigmoid(self.up(torch.relu(self.conv(x))))
+
+
+def test_stride_equal_kernel_conv_transpose_distills(tmp_path):
+    """onnxruntime 1.19 has no CPU kernel for ConvTransposeGrad: a ConvTranspose whose kernel equals
+    its stride (the PP-OCR detector's head) trains as a 1x1 Conv and a pixel shuffle (same values);
+    a map model with dynamic height and width distills from an unlabelled folder."""
+    model = _export(_UpsampleNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "up.onnx", ["image"], ["map"],
+                    dynamic={"image": {0: "b", 2: "h", 3: "w"}, "map": {0: "b", 2: "h2", 3: "w2"}})
+    folder = _flat_folder(tmp_path / "pages", n=16, size=(12, 8))
+    out = tmp_path / "out.onnx"
+    r = api.train(model, out, data=str(folder), method="none", iterations=3, batch_size=4, lr=0.01, val_fraction=0.25,
+                  **FAST)
+    assert r.loss == "distill" and r.steps == 3
+    x = np.random.default_rng(0).random((1, 3, 8, 12), dtype=np.float32)
+    got = runtime.run(str(out), {"image": x})[0]
+    want = runtime.run(str(model), {"image": x})[0]
+    assert got.shape == want.shape == (1, 2, 16, 24) and np.abs(got - want).max() < 0.05
+    # the trained model has its ConvTranspose back (the rewrite is for the gradient only)
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("ConvTranspose") == 1
+    from onnxdns.training.gradops import expand_for_gradients
+
+    rewritten = expand_for_gradients(onnx.load(str(model)))
+    assert not any(n.op_type == "ConvTranspose" for n in rewritten.graph.node)
+    assert np.abs(runtime.run(rewritten, {"image": x})[0] - want).max() < 1e-6  # the same values
+
+
+class _NearestNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(torch.nn.functional.interpolate(self.conv(x), scale_factor=2, mode="nearest"))
+
+
+def test_nearest_integer_resize_distills(tmp_path):
+    """onnxruntime 1.19 has no CPU kernel for ResizeGrad: nearest Resize by integer scales (the
+    PP-OCR detector's FPN) trains as Reshape + Expand + Reshape (the same values)."""
+    from onnxdns.training.gradops import expand_for_gradients
+
+    model = _export(_NearestNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "near.onnx", ["image"], ["map"],
+                    dynamic={"image": {0: "b", 2: "h", 3: "w"}, "map": {0: "b", 2: "h2", 3: "w2"}})
+    assert any(n.op_type == "Resize" for n in onnx.load(str(model)).graph.node)
+    x = np.random.default_rng(0).random((1, 3, 8, 12), dtype=np.float32)
+    want = runtime.run(str(model), {"image": x})[0]
+    rewritten = expand_for_gradients(onnx.load(str(model)))
+    assert not any(n.op_type == "Resize" for n in rewritten.graph.node)
+    assert np.array_equal(runtime.run(rewritten, {"image": x})[0], want)
+    folder = _flat_folder(tmp_path / "pages", n=16, size=(12, 8))
+    r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", iterations=3, batch_size=4, lr=0.01,
+                  val_fraction=0.25, **FAST)
+    assert r.loss == "distill" and r.steps == 3
+    trained = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in trained.graph.node].count("Resize") == 1 and not any(
+        n.op_type == "Expand" for n in trained.graph.node)
+
+
+def test_softmax_output_found_through_reshape():
+    """Converting an opset-11 Softmax to opset 13+ wraps it in Flatten / Reshape (the PP-OCR classifier
+    trained with BatchNorm in training mode): ce still sees probabilities, not logits."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Softmax", ["f"], ["p"], axis=1),
+             helper.make_node("Reshape", ["p", "shape"], ["r"]), helper.make_node("Identity", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert losses._is_softmax(graph, "y") and not losses._is_softmax(graph, "f")
+
+
+def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
+    """batchnorm='frozen' (the default outside slim): onnxruntime-training 1.19 would turn an
+    inference-mode BatchNormalization into its training kernel (batch statistics) in the training
+    graph; the frozen BN trains as x * s + t from the stored statistics instead, so a student equal
+    to its teacher has zero distillation loss, and gamma / beta still learn."""
+    from onnx import helper
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_BatchNormNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    model = tmp_path / "bn17.onnx"
+    model.write_bytes(buf.getvalue())
+    folder = _flat_folder(tmp_path / "pages", n=16)
+    r = api.train(model, tmp_path / "same.onnx", data=str(folder), method="none", iterations=1, batch_size=4, lr=1e-9,
+                  val_fraction=0.25, **FAST)
+    assert r.loss == "distill" and r.history[-1].train_loss < 1e-10
+    # the same with every weight and statistic in a Constant node (paddle2onnx: the PP-OCR detector)
+    proto = onnx.load(str(model))
+    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in proto.graph.initializer]
+    del proto.graph.initializer[:]
+    nodes = consts + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(tmp_path / "bn17_constants.onnx"))
+    r = api.train(tmp_path / "bn17_constants.onnx", tmp_path / "same2.onnx", data=str(folder), method="none",
+                  iterations=1, batch_size=4, lr=1e-9, val_fraction=0.25, **FAST)
+    assert r.history[-1].train_loss < 1e-10
+    r = api.train(model, tmp_path / "out.onnx", data=str(_class_folder(tmp_path / "classes")), method="none",
+                  iterations=3, batch_size=4, lr=0.5, val_fraction=0.25, **FAST)
+    gamma = next(n for n in _weights(model) if n.endswith("bn.weight"))
+    assert not np.allclose(_weights(model)[gamma], _weights(tmp_path / "out.onnx")[gamma])
+    # the stored statistics are constants of the training graph, never trained
+    from onnxdns.training.params import select_parameters as _select
+
+    affine = batchnorm_mod.to_frozen_affine(onnx.load(str(model)))
+    trainable = set(_select(affine).trainable)
+    assert gamma in trainable and not any(".mean" in n or ".std" in n for n in trainable)
+    # the trained model has its BatchNormalization back (the optimize pipeline folds it)
+    bn_nodes = [n for n in onnx.load(str(tmp_path / "out.onnx")).graph.node if n.op_type == "BatchNormalization"]
+    assert len(bn_nodes) == 1
+    x = np.random.default_rng(0).random((2, 3, 12, 12), dtype=np.float32)
+    same = runtime.run(str(tmp_path / "same.onnx"), {"image": x})[0]
+    assert np.abs(same - runtime.run(str(model), {"image": x})[0]).max() < 1e-5

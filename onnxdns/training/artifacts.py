@@ -233,7 +233,7 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         if tensor.HasField("shape") and len(dims) != len(shape):
             raise OnnxdnsError(f"training: input {value.name} has rank {len(dims)}, the data gives {shape}")
         for d, n in zip(dims, shape):
-            if d.HasField("dim_value") and d.dim_value not in (0, n):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n:  # 0, -1: dynamic
                 raise OnnxdnsError(f"training: input {value.name} has shape {_dims(dims)}, the data gives {shape}")
             if d.dim_param:
                 symbols.setdefault(d.dim_param, n)
@@ -244,6 +244,8 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param in symbols:
                 d.dim_value = symbols[d.dim_param]
+            elif d.HasField("dim_value") and d.dim_value < 0:  # -1: dynamic (paddle2onnx), inference fills it
+                d.Clear()
     del out.graph.value_info[:]
     return out
 

@@ -1,8 +1,9 @@
 """Training losses as ``onnxblock`` blocks: cross-entropy with labels, or distillation from the
 input model (the teacher) without them, plus an optional penalty term (Network Slimming's L1).
 
-* ``ce``: ``SoftmaxCrossEntropyLoss`` of the one selected ``[batch, classes]`` output against the
-  graph input ``labels`` (int64 ``[batch]``).
+* ``ce``: mean cross-entropy of the one selected ``[batch, classes]`` output against the graph
+  input ``labels`` (int64 ``[batch]``): ``LogSoftmax`` of logits, or the log of an output a
+  ``Softmax`` already computes (a classifier exported with its softmax).
 * ``distill``: for every selected output ``y`` the training model takes the teacher's value as
   an extra graph input ``teacher.<y>`` (same type; the loop runs the input model with
   onnxruntime on the same batch and feeds it). Classifier logits (a rank-2 float output) get
@@ -168,13 +169,14 @@ def _block_class():
         def __init__(self, spec: LossSpec, penalty: Any) -> None:
             super().__init__()
             self.spec, self.penalty = spec, penalty
-            self.cross_entropy = onnxblock.loss.CrossEntropyLoss()
 
         def build(self, *model_outputs: str) -> str:
             spec = self.spec
             emit = Emit(self.base.graph, "loss")
             if spec.kind == "ce":
-                total = self.cross_entropy(spec.outputs[0], LABELS)
+                labels = onnx.helper.make_tensor_value_info(LABELS, onnx.TensorProto.INT64, ["batch"])
+                self.base.graph.input.append(labels)
+                total = _ce(emit, spec.outputs[0], LABELS, _is_softmax(self.base.graph, spec.outputs[0]))
             else:
                 terms = []
                 for name, is_classifier in zip(spec.outputs, spec.classifier):
@@ -192,6 +194,32 @@ def _block_class():
             return total
 
     return Loss
+
+
+def _is_softmax(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether ``name`` is computed by a ``Softmax`` (through ``Identity`` / ``Reshape`` nodes, as
+    the opset converter wraps an old Softmax): probabilities."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Identity", "Reshape"):
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Softmax"
+
+
+def _ce(emit: Emit, output: str, labels: str, probabilities: bool) -> str:
+    """Mean cross-entropy ``-sum(onehot(labels) * log p) / batch`` with ``log p`` the
+    ``LogSoftmax`` of logits, or the log of an output that already is a softmax. Opset-11 ops
+    only (``SoftmaxCrossEntropyLoss`` is opset 12)."""
+    if probabilities:
+        log_p = emit.node("Log", [emit.node("Add", [output, emit.const("eps", 1e-12)])])
+    else:
+        log_p = emit.node("LogSoftmax", [output], axis=1)
+    depth = emit.node("Gather", [emit.node("Shape", [output]), emit.const("one", 1, np.int64)], axis=0)
+    onehot = emit.node("OneHot", [labels, depth, emit.const("off_on", [0.0, 1.0])], axis=-1)
+    total = emit.node("ReduceSum", [emit.node("Mul", [onehot, log_p])], keepdims=0)
+    batch = emit.node("Cast", [emit.node("Gather", [emit.node("Shape", [output]), emit.const("zero", 0, np.int64)],
+                                         axis=0)], to=onnx.TensorProto.FLOAT)
+    return emit.node("Neg", [emit.node("Div", [total, batch])])
 
 
 def _kl(emit: Emit, student: str, teacher: str, temperature: float) -> str:

@@ -125,6 +125,41 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
 _ELEMENTWISE = {"Add", "Mul"}
 
 
+def lift_parameter_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the floating-point ``Constant`` nodes of the main graph that are read at a
+    parameter position (:data:`PARAMETER_INPUTS`; BatchNorm's running statistics too) turned into initializers of the same name and
+    value (exact). Some exporters (paddle2onnx: the PP-OCR models) store every weight that way;
+    only initializers are trained. ``model`` itself is not changed."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    at_parameter = {node.input[i] for node in graph.node if node.domain in ("", "ai.onnx")
+                    for i in PARAMETER_INPUTS.get(node.op_type, ()) if i < len(node.input)}
+    at_parameter |= {name for node in graph.node if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+                     for name in node.input[3:5]}  # running statistics: frozen state
+    lift = []
+    for node in graph.node:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.attribute[0].name == "value" and node.output[0] in at_parameter
+                and node.output[0] not in outputs and node.attribute[0].t.data_type in _FLOAT):
+            lift.append(node)
+    if not lift:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    lifted = {n.output[0] for n in lift}
+    keep = [n for n in out.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in lifted)]
+    tensors = []
+    for node in lift:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        tensors.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(tensors)
+    return out
+
+
 def select_parameters(model: onnx.ModelProto) -> ParameterSet:
     """Split the initializers for training.
 

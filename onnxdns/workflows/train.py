@@ -51,7 +51,9 @@ from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_EPOCHS, S
 from onnxdns.training.loop import STATE_DIR, EpochRecord, Feeder, Trainer, has_checkpoint, read_checkpoint, steps_for
 from onnxdns.training.methods import ArtifactOptions, get_method
 from onnxdns.training.optim import LRSchedule
-from onnxdns.training.params import ParameterSet, select_parameters
+from onnxdns.training.gradops import MIN_OPSET as MIN_GRAD_OPSET, expand_for_gradients
+from onnxdns.training.gradops import restore as restore_gradient_rewrites
+from onnxdns.training.params import ParameterSet, lift_parameter_constants, select_parameters
 from onnxdns.training.session import TrainingSession
 from onnxdns.workflows.stages import jsonable
 
@@ -148,9 +150,15 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
     if resume is None:
         original = modelio.load_model(input_path)
         _loss_spec(config, original, None)  # model misfits first, before any data is read
-        model = method.prepare(original)
-        if (config.batchnorm or method.batchnorm) == "train":
+        # weights in Constant nodes are trained too; HardSigmoid has no gradient in onnxruntime 1.19;
+        # BatchNorm in training mode needs opset 14 (older models are converted)
+        bn_train = (config.batchnorm or method.batchnorm) == "train"
+        model = method.prepare(expand_for_gradients(lift_parameter_constants(original),
+                                                    batchnorm_mod.MIN_OPSET if bn_train else MIN_GRAD_OPSET))
+        if bn_train:
             model = batchnorm_mod.to_training_mode(model)
+        else:  # onnxruntime would train an inference-mode BN with batch statistics
+            model = batchnorm_mod.to_frozen_affine(model)
         run_info = {"config": dataclasses.asdict(config), "input_sha256": modelio.file_sha256(input_path),
                     "input_path": str(input_path), "output_path": str(out)}
     else:
@@ -221,7 +229,8 @@ def _train(config: TrainConfig, input_path: Path, out: Path, ckpt_dir: Path, res
 
     written = None
     if not outcome.interrupted:
-        final = batchnorm_mod.to_inference_mode(inference_model(model, session))
+        final = restore_gradient_rewrites(batchnorm_mod.from_frozen_affine(
+            batchnorm_mod.to_inference_mode(inference_model(model, session))))
         written = modelio.save_model(final, out, protect=(input_path,))
     summary: dict[str, Any] = {}
     for hook in hooks:
