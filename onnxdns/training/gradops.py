@@ -1,8 +1,8 @@
 """Operators onnxruntime-training 1.19 has no gradient for, rewritten (same values) into operators
 it has, before the training graph is built.
 
-* ``HardSigmoid(x; alpha, beta)`` (MobileNetV3-style models: the PP-OCR ones) becomes
-  ``Clip(Add(Mul(x, alpha), beta), 0, 1)``: the same float operations in the same order.
+* ``HardSigmoid`` and ``HardSwish`` (MobileNetV3-style models: the PP-OCR ones) are rewritten in
+  the training graph only, by :mod:`onnxdns.training.differentiable` (the trained model keeps them).
 * ``ConvTranspose`` whose kernel equals its stride (no padding, dilation or groups; weight an
   initializer: the PP-OCR detector's head) becomes a 1x1 ``Conv`` to ``C_out * s * s`` channels
   and a pixel shuffle (``Reshape``, ``Transpose``, ``Reshape``): the same products and sums
@@ -41,9 +41,9 @@ MIN_OPSET = 12
 
 
 def expand_for_gradients(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
-    """``model`` at opset ``min_opset`` (at least :data:`MIN_OPSET`) or above, with every
-    ``HardSigmoid`` of the main graph rewritten as ``Clip(alpha * x + beta, 0, 1)``; ``model``
-    itself is not changed. (BatchNorm in training mode needs opset 14: pass that.)"""
+    """``model`` at opset ``min_opset`` (at least :data:`MIN_OPSET`) or above, with its
+    kernel-equals-stride ConvTransposes and integer nearest Resizes rewritten (see the module
+    docstring); ``model`` itself is not changed. (BatchNorm in training mode needs opset 14: pass that.)"""
     min_opset = max(min_opset, MIN_OPSET)
     if 0 < _opset(model) < min_opset:
         from onnx import version_converter
@@ -55,7 +55,7 @@ def expand_for_gradients(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> 
         except Exception as e:  # the converter raises plain RuntimeErrors / ValueErrors
             raise OnnxdnsError(f"training needs opset {min_opset} or above; converting the model from opset "
                                f"{_opset(model)} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return _nearest_resize_as_expand(_conv_transpose_as_shuffle(_hardsigmoid_as_clip(model)))
+    return _nearest_resize_as_expand(_conv_transpose_as_shuffle(model))
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -136,18 +136,11 @@ def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _namer(graph: onnx.GraphProto):
+    from onnxdns.graphutil import fresh_name
+
     taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | \
         {i.name for i in graph.initializer} | {i.name for i in graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
-
-    return fresh
+    return lambda base: fresh_name(base, taken)
 
 
 def _shuffle_conv_transpose(node: onnx.NodeProto, inits: dict) -> int | None:
@@ -227,49 +220,6 @@ def _conv_transpose_as_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [i for i in graph.initializer if i.name in used or i.name in {g.name for g in graph.output}]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return out
-
-
-def _hardsigmoid_as_clip(model: onnx.ModelProto) -> onnx.ModelProto:
-    if not any(n.op_type == "HardSigmoid" and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    taken = {n.name for n in out.graph.node} | {o for n in out.graph.node for o in n.output} | \
-        {i.name for i in out.graph.initializer} | {i.name for i in out.graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
-
-    clip_inputs = _opset(model) >= 11
-    nodes = []
-    for node in out.graph.node:
-        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
-        base = node.name or node.output[0]
-        consts = {}
-        for key, value in (("alpha", alpha), ("beta", beta), ("zero", 0.0), ("one", 1.0)):
-            consts[key] = fresh(f"{base}.{key}")
-            out.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), consts[key]))
-        scaled, shifted = fresh(f"{base}.scaled"), fresh(f"{base}.shifted")
-        nodes.append(helper.make_node("Mul", [node.input[0], consts["alpha"]], [scaled], name=fresh(f"{base}.mul")))
-        nodes.append(helper.make_node("Add", [scaled, consts["beta"]], [shifted], name=fresh(f"{base}.add")))
-        if clip_inputs:
-            nodes.append(helper.make_node("Clip", [shifted, consts["zero"], consts["one"]], list(node.output),
-                                          name=fresh(f"{base}.clip")))
-        else:
-            nodes.append(helper.make_node("Clip", [shifted], list(node.output), name=fresh(f"{base}.clip"),
-                                          min=0.0, max=1.0))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
     return out
 
 
