@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from onnxdns.graphutil import fresh_name
 from onnxdns.errors import OnnxdnsError
 
 #: Suffixes of the running-statistics outputs added by :func:`to_training_mode`.
@@ -97,12 +98,7 @@ def to_frozen_affine(model: onnx.ModelProto) -> onnx.ModelProto:
     taken = set(inits) | {o for n in out.graph.node for o in n.output}
 
     def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+        return fresh_name(base, taken)
 
     names = {n.output[0] for n in nodes}
     replaced = []

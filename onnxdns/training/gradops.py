@@ -93,13 +93,8 @@ def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    fresh = _namer(graph)
+    fresh, const = _namer(graph)
     nodes = []
-
-    def const(base: str, value: np.ndarray) -> str:
-        name = fresh(base)
-        graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
 
     for node in graph.node:
         scales = _integer_nearest_scales(node, values)
@@ -136,11 +131,22 @@ def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _namer(graph: onnx.GraphProto):
+    """``fresh(base)``: a name not used in ``graph``; ``const(base, value)``: a new initializer of
+    ``graph`` holding ``value``, its name returned."""
     from onnxdns.graphutil import fresh_name
 
     taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | \
         {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    return lambda base: fresh_name(base, taken)
+
+    def fresh(base: str) -> str:
+        return fresh_name(base, taken)
+
+    def const(base: str, value: np.ndarray) -> str:
+        name = fresh(base)
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    return fresh, const
 
 
 def _shuffle_conv_transpose(node: onnx.NodeProto, inits: dict) -> int | None:
@@ -172,13 +178,8 @@ def _conv_transpose_as_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     graph = out.graph
     inits = {i.name: i for i in graph.initializer}
-    fresh = _namer(graph)
+    fresh, const = _namer(graph)
     nodes = []
-
-    def const(base: str, value: np.ndarray) -> str:
-        name = fresh(base)
-        graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
 
     for node in graph.node:
         s = _shuffle_conv_transpose(node, inits)
