@@ -424,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = old.get("models", [])
     fresh = {model: {**run_model(model, args.threads), "date": time.strftime("%Y-%m-%d %H:%M:%S")} for model in models}
     # models not run this time keep their previous report (each model's "date" says when it ran)
-    reports = [fresh[m] for m in MODELS if m in fresh] + [m for m in previous if m["model"] not in fresh]
-    reports.sort(key=lambda r: MODELS.index(r["model"]))
+    reports = sorted([*fresh.values(), *(m for m in previous if m["model"] not in fresh)],
+                     key=lambda r: MODELS.index(r["model"]))
     report: dict[str, Any] = {
         "benchmark": "dns_lenet",
         "command": "python benchmarks/dns_lenet.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -88,19 +88,9 @@ def _integer_nearest_scales(node: onnx.NodeProto, values: dict) -> tuple[int, in
 
 def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
     values = _constant_values(model.graph)
-    if not any(_integer_nearest_scales(n, values) for n in model.graph.node):
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    fresh, const = _namer(graph)
-    nodes = []
 
-    for node in graph.node:
-        scales = _integer_nearest_scales(node, values)
-        if not scales:
-            nodes.append(node)
-            continue
+    def rewrite(node: onnx.NodeProto, scales: tuple[int, int], fresh, const) -> list[onnx.NodeProto]:
+        nodes = []
         sh, sw = scales
         base = node.name or node.output[0]
         x = node.input[0]
@@ -125,6 +115,25 @@ def _nearest_resize_as_expand(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("Expand", [split, wide_shape], [wide], name=fresh(f"{base}.expand")))
         nodes.append(helper.make_node("Reshape", [wide, merged_shape], list(node.output), name=fresh(f"{base}.reshape")))
         _mark(nodes[-1], node)
+        return nodes
+
+    return _rewrite_nodes(model, lambda node: _integer_nearest_scales(node, values), rewrite)
+
+
+def _rewrite_nodes(model: onnx.ModelProto, match, rewrite) -> onnx.ModelProto:
+    """``model`` itself when ``match(node)`` is falsy for every node, else a copy in which each
+    matching node is replaced by the nodes ``rewrite(node, match(node), fresh, const)`` returns
+    (``fresh`` and ``const`` of :func:`_namer` on the copy's graph)."""
+    if not any(match(n) for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    fresh, const = _namer(graph)
+    nodes = []
+    for node in graph.node:
+        found = match(node)
+        nodes.extend(rewrite(node, found, fresh, const) if found else [node])
     del graph.node[:]
     graph.node.extend(nodes)
     return out
@@ -172,20 +181,9 @@ def _shuffle_conv_transpose(node: onnx.NodeProto, inits: dict) -> int | None:
 
 def _conv_transpose_as_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {i.name: i for i in model.graph.initializer}
-    if not any(_shuffle_conv_transpose(n, inits) for n in model.graph.node):
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    inits = {i.name: i for i in graph.initializer}
-    fresh, const = _namer(graph)
-    nodes = []
 
-    for node in graph.node:
-        s = _shuffle_conv_transpose(node, inits)
-        if not s:
-            nodes.append(node)
-            continue
+    def rewrite(node: onnx.NodeProto, s: int, fresh, const) -> list[onnx.NodeProto]:
+        nodes = []
         base = node.name or node.output[0]
         w = numpy_helper.to_array(inits[node.input[1]])  # [C_in, C_out, s, s]
         c_in, c_out = w.shape[0], w.shape[1]
@@ -215,8 +213,12 @@ def _conv_transpose_as_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("Transpose", [split], [moved], name=fresh(f"{base}.transpose"), perm=[0, 1, 4, 2, 5, 3]))
         nodes.append(helper.make_node("Reshape", [moved, merged_shape], list(node.output), name=fresh(f"{base}.reshape_merged")))
         _mark(nodes[-1], node, weight=conv_inputs[1], bias=conv_inputs[2] if len(conv_inputs) > 2 else None, stride=s)
-    del graph.node[:]
-    graph.node.extend(nodes)
+        return nodes
+
+    out = _rewrite_nodes(model, lambda node: _shuffle_conv_transpose(node, inits), rewrite)
+    if out is model:
+        return model
+    graph = out.graph
     used = {i for n in graph.node for i in n.input}
     kept = [i for i in graph.initializer if i.name in used or i.name in {g.name for g in graph.output}]
     del graph.initializer[:]

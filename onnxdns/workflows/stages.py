@@ -58,8 +58,9 @@ class Stage:
     def key(self) -> dict[str, Any]:
         return {"config": jsonable(self.config), "inputs": {self.rel(p): file_sha256(p) for p in self.inputs}}
 
-    def cached(self) -> dict[str, Any] | None:
-        """The recorded result, or None when the stage has to run."""
+    def cached(self, key: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The recorded result, or None when the stage has to run (``key``: :meth:`key`, when
+        the caller has it already: computing it hashes every input file)."""
         if not self.record_path.exists() or not all(Path(p).exists() for p in self.outputs):
             return None
         try:
@@ -67,7 +68,7 @@ class Stage:
         except (OSError, ValueError) as e:
             log.warning("%s: unreadable stage record (%s); redoing the stage", self.record_path, e)
             return None
-        if not isinstance(record, dict) or record.get("key") != self.key():
+        if not isinstance(record, dict) or record.get("key") != (key if key is not None else self.key()):
             return None
         if any(file_sha256(p) != record.get("outputs", {}).get(self.rel(p)) for p in self.outputs):
             return None
@@ -78,7 +79,8 @@ class Stage:
         self.record_path.unlink(missing_ok=True)
 
     def __call__(self) -> dict[str, Any]:
-        result = self.cached()
+        key = self.key()  # the inputs are hashed once: the run reads them, it does not change them
+        result = self.cached(key)
         self.reused = result is not None
         if result is not None:
             log.info("[%s] done before: reused (record %s)", self.name, self.record_path)
@@ -88,7 +90,7 @@ class Stage:
         start = time.perf_counter()
         result = jsonable(self.run())
         result.setdefault("stage_seconds", round(time.perf_counter() - start, 1))
-        record = {"key": self.key(), "outputs": {self.rel(p): file_sha256(p) for p in self.outputs}, "result": result}
+        record = {"key": key, "outputs": {self.rel(p): file_sha256(p) for p in self.outputs}, "result": result}
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
