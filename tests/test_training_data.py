@@ -123,6 +123,32 @@ def test_distill_loss_is_kl_with_temperature_plus_mse(tmp_path):
     assert float(out[0]) > 1e-3
 
 
+def test_distill_on_softmax_outputs_compares_the_logits(tmp_path):
+    """A classifier exported with its softmax (the PP-OCR direction classifier): distillation takes
+    the log of both probability vectors as the logits (softmax(log p / T) == softmax(z / T)), so the
+    loss equals the KL of the networks' logits. A softmax of probabilities would be near-uniform
+    at any temperature and teach almost nothing."""
+    student = _export(_SoftmaxNet(seed=1), (torch.zeros(2, 3, 8, 8),), tmp_path / "s.onnx", ["image"], ["probs"])
+    teacher_net = _SoftmaxNet(seed=2)
+    model = onnx.load(str(student))
+    spec = losses.choose(model, loss="distill", loss_outputs=None, has_labels=True, temperature=4.0)
+    config = TrainConfig(method="none")
+    params = select_parameters(model)
+    art = artifacts.generate(model, tmp_path / "art", api.artifact_spec(config, params, model,
+                                                                        get_method(config).artifact_options(params), spec),
+                             input_shapes={"image": (4, 3, 8, 8)})
+    session = TrainingSession(art, threads=1)
+    x = np.random.default_rng(0).random((5, 3, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        t_logits = ConvNet.forward(teacher_net, torch.from_numpy(x)).numpy()
+        s_logits = ConvNet.forward(_SoftmaxNet(seed=1), torch.from_numpy(x)).numpy()
+    t_probs = np.exp(t_logits - t_logits.max(1, keepdims=True))
+    t_probs = (t_probs / t_probs.sum(1, keepdims=True)).astype(np.float32)
+    out = session.eval_step([x, t_probs])
+    assert float(out[0]) == pytest.approx(losses.kl_numpy(s_logits, t_logits, 4.0), rel=1e-3)
+    assert float(out[0]) > 5 * losses.kl_numpy(out[1], t_probs, 4.0)  # what the loss was before
+
+
 def test_two_input_int64_model_distills_from_npz(tmp_path):
     """Inputs float features + int64 token ids, no labels: distillation; the loss falls."""
 

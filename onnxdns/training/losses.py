@@ -7,7 +7,8 @@ input model (the teacher) without them, plus an optional penalty term (Network S
 * ``distill``: for every selected output ``y`` the training model takes the teacher's value as
   an extra graph input ``teacher.<y>`` (same type; the loop runs the input model with
   onnxruntime on the same batch and feeds it). Classifier logits (a rank-2 float output) get
-  ``KL(softmax(t / T) || softmax(s / T)) * T^2`` averaged over the batch (Hinton et al. 2015;
+  ``KL(softmax(t / T) || softmax(s / T)) * T^2`` averaged over the batch (Hinton et al. 2015; an
+  output that already is a softmax gives its logits as ``log p``;
   ``T`` = ``temperature``, default :data:`DEFAULT_TEMPERATURE`); every other float output (maps,
   embeddings, sequences) the mean squared error over all its elements. The loss is their sum.
 
@@ -185,7 +186,12 @@ def _block_class():
                     value.CopyFrom(_graph_utils.get_output_from_output_name(self.base, name))
                     value.name = teacher
                     self.base.graph.input.append(value)
-                    terms.append(_kl(emit, name, teacher, spec.temperature) if is_classifier else _mse(emit, name, teacher))
+                    if not is_classifier:
+                        terms.append(_mse(emit, name, teacher))
+                    elif _is_softmax(self.base.graph, name):  # probabilities: their logs are the logits
+                        terms.append(_kl(emit, _log(emit, name), _log(emit, teacher), spec.temperature))
+                    else:
+                        terms.append(_kl(emit, name, teacher, spec.temperature))
                 total = terms[0]
                 for term in terms[1:]:
                     total = emit.node("Add", [total, term])
@@ -211,7 +217,7 @@ def _ce(emit: Emit, output: str, labels: str, probabilities: bool) -> str:
     ``LogSoftmax`` of logits, or the log of an output that already is a softmax. Opset-11 ops
     only (``SoftmaxCrossEntropyLoss`` is opset 12)."""
     if probabilities:
-        log_p = emit.node("Log", [emit.node("Add", [output, emit.const("eps", 1e-12)])])
+        log_p = _log(emit, output)
     else:
         log_p = emit.node("LogSoftmax", [output], axis=1)
     depth = emit.node("Gather", [emit.node("Shape", [output]), emit.const("one", 1, np.int64)], axis=0)
@@ -220,6 +226,13 @@ def _ce(emit: Emit, output: str, labels: str, probabilities: bool) -> str:
     batch = emit.node("Cast", [emit.node("Gather", [emit.node("Shape", [output]), emit.const("zero", 0, np.int64)],
                                          axis=0)], to=onnx.TensorProto.FLOAT)
     return emit.node("Neg", [emit.node("Div", [total, batch])])
+
+
+def _log(emit: Emit, probabilities: str) -> str:
+    """``log(p + 1e-12)``: the logits of a softmax output up to a per-row constant, which neither
+    ``LogSoftmax`` nor ``softmax(. / T)`` sees (the epsilon keeps a probability that underflowed to
+    0 finite)."""
+    return emit.node("Log", [emit.node("Add", [probabilities, emit.const("eps", 1e-12)])])
 
 
 def _kl(emit: Emit, student: str, teacher: str, temperature: float) -> str:
