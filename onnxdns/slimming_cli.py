@@ -53,7 +53,7 @@ def run_slim(args: argparse.Namespace) -> int:
     """Run ``onnxdns slim``; returns the exit status."""
     from onnxdns.workflows.slim import slim
 
-    train_options = {k: getattr(args, k) for k in ("batch_size", "momentum", "weight_decay", "schedule", "seed", "subset",
+    train_options = {k: getattr(args, k) for k in ("batch_size", "optimizer", "momentum", "weight_decay", "schedule", "seed", "subset",
                                                    "val_data", "val_fraction", "loss", "loss_outputs", "temperature",
                                                    "mean", "std")
                      if getattr(args, k) is not None}

@@ -5,6 +5,7 @@ input model; exact resume from a folder; every bad input as one line, nothing wr
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import warnings
@@ -502,6 +503,26 @@ def test_ce_on_opset_11_softmax_output(tmp_path):
     assert r.loss == "ce" and r.final_accuracy >= 0.8
     first, last = r.history[0].train_loss, r.history[-1].train_loss
     assert last < first
+
+
+def test_adamw_from_the_cli_learns_and_is_stored_for_resume(conv, tmp_path, capsys):
+    """``onnxdns train --optimizer adamw``: the run learns (its loss halves; the update itself is
+    checked against torch in test_training_artifacts), the checkpoint's run settings and artifacts
+    say adamw (a resume continues with it), a bad name is exit 2."""
+
+    folder = _class_folder(tmp_path / "classes")
+    out = tmp_path / "out.onnx"
+    code, _, err = run(capsys, "train", str(conv), "-o", str(out), "--method", "none", "--data", str(folder),
+                       "--optimizer", "adamw", "--lr", "0.05", "--epochs", "6", "--batch-size", "8",
+                       "--val-fraction", "0.25", "--threads", "1", "--no-progress")
+    assert code == 0, err
+    ckpt = tmp_path / "out.ckpt"
+    assert json.loads((ckpt / "run.json").read_text())["config"]["optimizer"] == "adamw"
+    assert artifacts.Artifacts.load(ckpt / "artifacts").optimizer == "adamw"
+    history = json.loads((ckpt / "state" / "trainer.json").read_text())["history"]
+    assert len(history) == 6 and history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    code, _, err = run(capsys, "train", str(conv), "-o", str(tmp_path / "x.onnx"), "--optimizer", "adam")
+    assert code == 2 and "invalid choice: 'adam'" in err and not (tmp_path / "x.onnx").exists()
 
 
 class _HardSigmoidNet(ConvNet):

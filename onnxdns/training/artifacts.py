@@ -9,10 +9,11 @@ generated training graph:
   pruned or not, moves with the gradient of the masked product and can be spliced back. The node
   is found by structure (the producer chain of ``<W>_grad``, the gradient name onnxruntime itself
   relies on to order outputs) and the edit fails loudly if the pattern is not there;
-* **L2 weight decay**: ``<W>_grad + weight_decay * W`` is fed to the gradient accumulator, which is
-  what ``torch.optim.SGD(weight_decay=...)`` does before its momentum update.
+* **L2 weight decay** (SGD): ``<W>_grad + weight_decay * W`` is fed to the gradient accumulator,
+  which is what ``torch.optim.SGD(weight_decay=...)`` does before its momentum update (AdamW
+  decays in its kernel, decoupled).
 
-The optimizer model is heavy-ball momentum SGD (:mod:`onnxdns.training.optim`). The loss defaults
+The optimizer model is heavy-ball momentum SGD or AdamW (:mod:`onnxdns.training.optim`). The loss defaults
 to cross-entropy over the model's first output; any ``onnxblock.Block`` can replace it (the run's
 blocks are in :mod:`onnxdns.training.losses`; a block may add graph inputs, e.g. ``labels`` or the
 teacher's outputs, which follow the model's inputs). Outputs listed in ``train_only_outputs`` (BatchNormalization running
@@ -38,7 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxdns.errors import OnnxdnsError
-from onnxdns.training.optim import momentum_sgd_block
+from onnxdns.training.optim import optimizer_block
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -57,6 +58,8 @@ class ArtifactSpec:
     straight_through: dict[str, str] = dataclasses.field(default_factory=dict)
     momentum: float = 0.9
     weight_decay: float = 0.0
+    #: ``sgd`` (heavy-ball momentum) or ``adamw`` (see :mod:`onnxdns.training.optim`).
+    optimizer: str = "sgd"
     #: Builds the loss block; called with no argument. None: cross-entropy on the model output.
     loss: Callable[[], object] | None = None
     #: Model values returned (after the loss) by both the training and the eval model.
@@ -80,6 +83,7 @@ class Artifacts:
     straight_through: tuple[str, ...]
     #: The training model's fixed input shapes (None: the model's own, dynamic dimensions kept).
     input_shapes: dict[str, list[int]] | None
+    optimizer: str = "sgd"  # absent from the manifests of runs made before AdamW existed
 
     @property
     def training_model(self) -> Path:
@@ -104,12 +108,13 @@ class Artifacts:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise OnnxdnsError(f"{path}: cannot read training artifacts manifest: {e}") from None
-        fields = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        fields = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - {"directory"}
         missing = fields - set(data)
         if missing:
             raise OnnxdnsError(f"{path}: incomplete manifest (missing {', '.join(sorted(missing))}; made by another "
                                "onnxdns version?); start the run over")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         if values["input_shapes"] is not None and not isinstance(values["input_shapes"], dict):
             raise OnnxdnsError(f"{path}: damaged manifest (input_shapes)")
         return cls(directory=Path(directory), **values)
@@ -149,9 +154,11 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: Artifac
     training = onnx.load(str(out / TRAINING_MODEL))
     for param, mask in spec.straight_through.items():
         make_straight_through(training, param, mask)
-    if spec.weight_decay:
+    if spec.weight_decay and spec.optimizer == "sgd":  # AdamW decays in its kernel
         add_weight_decay(training, spec.trainable, spec.weight_decay)
     onnx.save(training, str(out / TRAINING_MODEL))
+    if spec.optimizer == "adamw":
+        torch_adamw(out / OPTIMIZER_MODEL)
     if spec.train_only_outputs:
         evaluation = onnx.load(str(out / EVAL_MODEL))
         drop_outputs(evaluation, spec.train_only_outputs)
@@ -165,6 +172,7 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, spec: Artifac
         momentum=float(spec.momentum), weight_decay=float(spec.weight_decay),
         straight_through=tuple(spec.straight_through),
         input_shapes=None if input_shapes is None else {k: [int(d) for d in v] for k, v in input_shapes.items()},
+        optimizer=spec.optimizer,
     )
     result.save_manifest()
     return result
@@ -187,13 +195,26 @@ def _generate(model: onnx.ModelProto, out: Path, spec: ArtifactSpec, *, with_opt
                 requires_grad=list(spec.trainable),
                 frozen_params=list(spec.frozen),
                 loss=loss,
-                optimizer=momentum_sgd_block(spec.momentum) if with_optimizer else None,
+                optimizer=optimizer_block(spec.optimizer, spec.momentum, spec.weight_decay) if with_optimizer else None,
                 artifact_directory=out,
                 additional_output_names=extra or None,
             )
         except Exception as e:  # onnxruntime raises RuntimeError / Fail / InvalidGraph ...
             detail = str(e).strip().splitlines()[0] if str(e).strip() else log.tail()
             raise OnnxdnsError(f"cannot build the training graph: {detail}") from None
+
+
+def torch_adamw(path: Path) -> None:
+    """Switch the generated ``AdamWOptimizer`` node to ``adam_mode=0``, torch.optim.AdamW's update
+    (onnxblock always writes 1, Hugging Face's, whose epsilon and weight decay act differently)."""
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.op_type == "AdamWOptimizer"]
+    if len(nodes) != 1:
+        raise OnnxdnsError(f"{path}: expected one AdamWOptimizer node, found {len(nodes)}")
+    for attribute in nodes[0].attribute:
+        if attribute.name == "adam_mode":
+            attribute.i = 0
+    onnx.save(model, str(path))
 
 
 def batch_shapes(model: onnx.ModelProto, batch_size: int) -> dict[str, tuple[int, ...]]:

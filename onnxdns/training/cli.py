@@ -11,6 +11,7 @@ from onnxdns import argtypes
 from onnxdns.errors import EXIT_INTERRUPTED, EXIT_OK
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_SMOOTH_BETA, METHODS, SCHEDULES, TrainConfig
 from onnxdns.training.losses import DEFAULT_TEMPERATURE, LOSSES
+from onnxdns.training.optim import OPTIMIZERS
 
 _DEFAULTS = TrainConfig()
 
@@ -72,10 +73,14 @@ def add_optimizer_arguments(group, defaults) -> None:
     """Batch size, momentum, weight decay, schedule, seed and subset (``train`` and both training
     stages of ``slim``; ``defaults`` maps the dests to the values shown in the help)."""
     group.add_argument("--batch-size", type=argtypes.positive_int, help=f"training batch size (default: {defaults['batch_size']})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="sgd: heavy-ball momentum, as the papers; adamw: per-weight step sizes, for models whose "
+                            "layers want very different learning rates (BatchNorm folded into the weights, "
+                            "sparse-lowrank factors); use a smaller --lr, e.g. 1e-4 (default: sgd)")
     group.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True),
-                       help=f"SGD momentum (default: {defaults['momentum']})")
+                       help=f"SGD momentum; AdamW's beta1 (default: {defaults['momentum']})")
     group.add_argument("--weight-decay", type=argtypes.non_negative_real,
-                       help=f"L2 weight decay (default: {defaults['weight_decay']})")
+                       help=f"weight decay: L2 for sgd, decoupled for adamw (default: {defaults['weight_decay']})")
     group.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default: {defaults['schedule']})")
     group.add_argument("--seed", type=argtypes.non_negative_int,
                        help=f"data order, validation split and method randomness (default: {defaults.get('seed', 0)})")

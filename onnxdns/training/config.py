@@ -51,8 +51,9 @@ class TrainConfig:
     iterations: int | None = None
     batch_size: int = 64
     lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD's momentum; AdamW's beta1
+    weight_decay: float = 5e-4  # SGD: coupled L2; AdamW: decoupled
+    optimizer: str = "sgd"  # or "adamw" (onnxdns.training.optim.OPTIMIZERS)
     schedule: str = "constant"
     lr_gamma: float | None = None
     lr_step: int | None = None

@@ -15,6 +15,12 @@ Hugging Face mode (``adam_mode=1``) without bias correction, with ``beta1 = mome
 Both moments are saved in the checkpoint (``include_optimizer_state=True``) and restored on load.
 L2 weight decay (torch's coupled ``g + wd * w``) is added to the gradients inside the training
 graph (see :mod:`onnxdns.training.artifacts`), since the AdamW kernel only decays decoupled.
+
+``optimizer="adamw"`` is the same kernel as ``torch.optim.AdamW`` (``adam_mode=0``, bias
+correction, ``betas=(momentum, 0.999)``, ``eps=1e-8``, decoupled weight decay ``w -= lr * wd * w``).
+Its per-parameter step sizes suit models whose layers want very different learning rates, which
+one SGD rate cannot serve: exports with BatchNorm folded into the weights, or factors whose input
+activations differ by orders of magnitude (a sparse-lowrank split of the PP-OCR detector).
 """
 
 from __future__ import annotations
@@ -28,18 +34,32 @@ from onnxdns.errors import OnnxdnsError
 from onnxdns.training.config import SCHEDULES
 
 
-def momentum_sgd_block(momentum: float):
-    """The ``onnxblock`` optimizer block generating heavy-ball SGD (see the module docstring)."""
+OPTIMIZERS = ("sgd", "adamw")
+#: AdamW's second-moment decay and epsilon (torch.optim.AdamW's defaults but epsilon, which is 1e-8 there too).
+ADAMW_BETA2 = 0.999
+ADAMW_EPS = 1e-8
+
+
+def optimizer_block(optimizer: str, momentum: float, weight_decay: float):
+    """The ``onnxblock`` optimizer block of ``optimizer`` (see the module docstring): heavy-ball
+    SGD (its weight decay is in the training graph) or AdamW (decoupled weight decay)."""
     from onnxruntime.training import onnxblock  # imports torch: keep it lazy
 
     if not 0.0 <= momentum < 1.0:
         raise OnnxdnsError(f"momentum must be in [0, 1), got {momentum}")
-    return onnxblock.optim.AdamW(bias_correction=False, betas=(momentum, 1.0), eps=1.0, weight_decay=0.0)
+    if optimizer == "sgd":
+        return onnxblock.optim.AdamW(bias_correction=False, betas=(momentum, 1.0), eps=1.0, weight_decay=0.0)
+    if optimizer == "adamw":
+        return onnxblock.optim.AdamW(bias_correction=True, betas=(momentum, ADAMW_BETA2), eps=ADAMW_EPS,
+                                     weight_decay=weight_decay)
+    raise OnnxdnsError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
 
 
-def ort_learning_rate(lr: float, momentum: float) -> float:
-    """The learning rate to give the optimizer so that it steps ``lr * buf`` (float32 arithmetic,
-    matching the kernel's ``1.f - alpha``)."""
+def ort_learning_rate(lr: float, momentum: float, optimizer: str = "sgd") -> float:
+    """The learning rate to give the optimizer kernel: for SGD ``lr / (1 - momentum)``, so that it
+    steps ``lr * buf`` (float32 arithmetic, matching the kernel's ``1.f - alpha``); AdamW's is ``lr``."""
+    if optimizer == "adamw":
+        return float(lr)
     return float(np.float32(lr) / (np.float32(1.0) - np.float32(momentum)))
 
 

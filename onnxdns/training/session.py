@@ -42,7 +42,7 @@ class TrainingSession:
     # ------------------------------------------------------------------ steps
 
     def train_step(self, feeds: Sequence[np.ndarray], lr: float) -> list[np.ndarray]:
-        """Forward, backward and one momentum-SGD update at learning rate ``lr``. ``feeds``: one
+        """Forward, backward and one optimizer update (momentum SGD or AdamW) at learning rate ``lr``. ``feeds``: one
         array per training-model input, in the order of ``artifacts.inputs`` (the model's inputs,
         then the loss's: labels or the teacher's outputs).
 
@@ -52,7 +52,7 @@ class TrainingSession:
         try:
             self.module.train()
             fetched = self.module(*feeds)
-            self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum))
+            self.optimizer.set_learning_rate(ort_learning_rate(lr, self.artifacts.momentum, self.artifacts.optimizer))
             self.optimizer.step()
             self.module.lazy_reset_grad()
         except Exception as e:  # onnxruntime's own exception types: a misfit the checks before did not catch

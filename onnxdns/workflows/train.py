@@ -50,7 +50,7 @@ from onnxdns.training import losses
 from onnxdns.training.config import BATCHNORM_MODES, DATASETS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
 from onnxdns.training.loop import STATE_DIR, EpochRecord, Feeder, Trainer, has_checkpoint, read_checkpoint, steps_for
 from onnxdns.training.methods import ArtifactOptions, get_method
-from onnxdns.training.optim import LRSchedule
+from onnxdns.training.optim import OPTIMIZERS, LRSchedule
 from onnxdns.training.gradops import MIN_OPSET as MIN_GRAD_OPSET, expand_for_gradients
 from onnxdns.training.gradops import restore as restore_gradient_rewrites
 from onnxdns.training.params import ParameterSet, lift_parameter_constants, select_parameters
@@ -373,7 +373,7 @@ def artifact_spec(config: TrainConfig, params: ParameterSet, model: onnx.ModelPr
     return artifacts_mod.ArtifactSpec(
         trainable=trainable, frozen=tuple(params.frozen) + tuple(unused),
         straight_through={p: m for p, m in options.straight_through.items() if p in trainable},
-        momentum=config.momentum, weight_decay=config.weight_decay,
+        momentum=config.momentum, weight_decay=config.weight_decay, optimizer=config.optimizer,
         loss=losses.block_factory(loss_spec, options.penalty),
         outputs=tuple(loss_spec.outputs), train_only_outputs=tuple(params.writeback),
     )
@@ -537,6 +537,8 @@ def _validate(config: TrainConfig) -> None:
         raise OnnxdnsError("give epochs or iterations, not both")
     if config.epochs is None and config.iterations is None:
         config.epochs = DEFAULT_EPOCHS
+    if config.optimizer not in OPTIMIZERS:
+        raise OnnxdnsError(f"unknown optimizer '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     if not 0.0 <= config.momentum < 1.0:
         raise OnnxdnsError(f"momentum must be in [0, 1), got {config.momentum}")
     if config.weight_decay < 0:
