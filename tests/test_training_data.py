@@ -124,12 +124,19 @@ def test_distill_loss_is_kl_with_temperature_plus_mse(tmp_path):
     assert float(out[0]) > 1e-3
 
 
-def test_distill_on_softmax_outputs_compares_the_logits(tmp_path):
-    """A classifier exported with its softmax (the PP-OCR direction classifier): distillation takes
-    the log of both probability vectors as the logits (softmax(log p / T) == softmax(z / T)), so the
-    loss equals the KL of the networks' logits. A softmax of probabilities would be near-uniform
-    at any temperature and teach almost nothing."""
-    student = _export(_SoftmaxNet(seed=1), (torch.zeros(2, 3, 8, 8),), tmp_path / "s.onnx", ["image"], ["probs"])
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_distill_on_softmax_outputs_compares_the_logits(tmp_path, scale):
+    """A classifier exported with its softmax (the PP-OCR direction classifier): distillation
+    compares the student's logits (the Softmax's input) with the log of the teacher's
+    probabilities (softmax(log p / T) == softmax(z / T)), so the loss equals the KL of the
+    networks' logits, also when the student is so confident (scale 1000) that its probabilities
+    underflow to 0 and their log would be flat. A softmax of probabilities would be near-uniform at
+    any temperature and teach almost nothing."""
+    net = _SoftmaxNet(seed=1)
+    with torch.no_grad():
+        net.fc.weight *= scale
+        net.fc.bias *= scale
+    student = _export(net, (torch.zeros(2, 3, 8, 8),), tmp_path / "s.onnx", ["image"], ["probs"])
     teacher_net = _SoftmaxNet(seed=2)
     model = onnx.load(str(student))
     spec = losses.choose(model, loss="distill", loss_outputs=None, has_labels=True, temperature=4.0)
@@ -142,7 +149,9 @@ def test_distill_on_softmax_outputs_compares_the_logits(tmp_path):
     x = np.random.default_rng(0).random((5, 3, 8, 8), dtype=np.float32)
     with torch.no_grad():
         t_logits = ConvNet.forward(teacher_net, torch.from_numpy(x)).numpy()
-        s_logits = ConvNet.forward(_SoftmaxNet(seed=1), torch.from_numpy(x)).numpy()
+        s_logits = ConvNet.forward(net, torch.from_numpy(x)).numpy()
+    if scale > 1:  # some of the student's probabilities underflow
+        assert np.exp(s_logits - s_logits.max(1, keepdims=True)).min() < 1e-30
     t_probs = np.exp(t_logits - t_logits.max(1, keepdims=True))
     t_probs = (t_probs / t_probs.sum(1, keepdims=True)).astype(np.float32)
     out = session.eval_step([x, t_probs])
@@ -487,8 +496,8 @@ class _SoftmaxNet(ConvNet):
 
 def test_ce_on_opset_11_softmax_output(tmp_path):
     """An opset-11 classifier whose output is already a softmax (the PP-OCR direction classifier):
-    ``ce`` builds with opset-11 ops (SoftmaxCrossEntropyLoss is opset 12) and takes the log of the
-    probabilities (a second softmax would starve the gradient of wrong predictions); it learns."""
+    ``ce`` builds with opset-11 ops (SoftmaxCrossEntropyLoss is opset 12) and takes the LogSoftmax
+    of the Softmax's input (a second softmax would starve the gradient of wrong predictions); it learns."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

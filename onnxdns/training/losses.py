@@ -2,13 +2,14 @@
 input model (the teacher) without them, plus an optional penalty term (Network Slimming's L1).
 
 * ``ce``: mean cross-entropy of the one selected ``[batch, classes]`` output against the graph
-  input ``labels`` (int64 ``[batch]``): ``LogSoftmax`` of logits, or the log of an output a
-  ``Softmax`` already computes (a classifier exported with its softmax).
+  input ``labels`` (int64 ``[batch]``): ``LogSoftmax`` of the logits (for a classifier exported
+  with its softmax, of the Softmax's input).
 * ``distill``: for every selected output ``y`` the training model takes the teacher's value as
   an extra graph input ``teacher.<y>`` (same type; the loop runs the input model with
   onnxruntime on the same batch and feeds it). Classifier logits (a rank-2 float output) get
-  ``KL(softmax(t / T) || softmax(s / T)) * T^2`` averaged over the batch (Hinton et al. 2015; an
-  output that already is a softmax gives its logits as ``log p``;
+  ``KL(softmax(t / T) || softmax(s / T)) * T^2`` averaged over the batch (Hinton et al. 2015; for
+  an output that already is a softmax, the student's logits are the Softmax's input and the
+  teacher's ``log p``;
   ``T`` = ``temperature``, default :data:`DEFAULT_TEMPERATURE`); every other float output (maps,
   embeddings, sequences) the mean squared error over all its elements. The loss is their sum.
 
@@ -177,7 +178,7 @@ def _block_class():
             if spec.kind == "ce":
                 labels = onnx.helper.make_tensor_value_info(LABELS, onnx.TensorProto.INT64, ["batch"])
                 self.base.graph.input.append(labels)
-                total = _ce(emit, spec.outputs[0], LABELS, _is_softmax(self.base.graph, spec.outputs[0]))
+                total = _ce(emit, spec.outputs[0], LABELS, _softmax_logits(emit, self.base.graph, spec.outputs[0]))
             else:
                 terms = []
                 for name, is_classifier in zip(spec.outputs, spec.classifier):
@@ -188,10 +189,10 @@ def _block_class():
                     self.base.graph.input.append(value)
                     if not is_classifier:
                         terms.append(_mse(emit, name, teacher))
-                    elif _is_softmax(self.base.graph, name):  # probabilities: their logs are the logits
-                        terms.append(_kl(emit, _log(emit, name), _log(emit, teacher), spec.temperature))
-                    else:
-                        terms.append(_kl(emit, name, teacher, spec.temperature))
+                    else:  # an output that is a softmax: the student's logits, the log of the teacher's
+                        logits = _softmax_logits(emit, self.base.graph, name)
+                        terms.append(_kl(emit, name, teacher, spec.temperature) if logits is None else
+                                     _kl(emit, logits, _log(emit, teacher), spec.temperature))
                 total = terms[0]
                 for term in terms[1:]:
                     total = emit.node("Add", [total, term])
@@ -202,24 +203,43 @@ def _block_class():
     return Loss
 
 
-def _is_softmax(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether ``name`` is computed by a ``Softmax`` (through ``Identity`` / ``Reshape`` nodes, as
-    the opset converter wraps an old Softmax): probabilities."""
+def _softmax_chain(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto] | None:
+    """``[Softmax, *Identity/Reshape nodes]`` computing ``name`` (the opset converter wraps an old
+    Softmax in Flatten / Reshape), or None when ``name`` is not a softmax: probabilities."""
     producers = {o: n for n in graph.node for o in n.output}
+    chain = []
     node = producers.get(name)
     while node is not None and node.op_type in ("Identity", "Reshape"):
+        chain.append(node)
         node = producers.get(node.input[0])
-    return node is not None and node.op_type == "Softmax"
+    return [node, *reversed(chain)] if node is not None and node.op_type == "Softmax" else None
 
 
-def _ce(emit: Emit, output: str, labels: str, probabilities: bool) -> str:
+def _is_softmax(graph: onnx.GraphProto, name: str) -> bool:
+    return _softmax_chain(graph, name) is not None
+
+
+def _softmax_logits(emit: Emit, graph: onnx.GraphProto, name: str) -> str | None:
+    """The logits of an output computed by a softmax: the Softmax's input sent through the same
+    Reshapes, so of the output's shape (None: ``name`` is no softmax). ``log p`` would be the same
+    up to a per-row constant, but its gradient vanishes where a probability underflows to 0 (a
+    confidently wrong student, such as a freshly compressed one, would learn nothing)."""
+    chain = _softmax_chain(graph, name)
+    if chain is None:
+        return None
+    value = chain[0].input[0]
+    for node in chain[1:]:
+        if node.op_type == "Reshape":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            value = emit.node("Reshape", [value, node.input[1]], **attrs)
+    return value
+
+
+def _ce(emit: Emit, output: str, labels: str, logits: str | None) -> str:
     """Mean cross-entropy ``-sum(onehot(labels) * log p) / batch`` with ``log p`` the
-    ``LogSoftmax`` of logits, or the log of an output that already is a softmax. Opset-11 ops
-    only (``SoftmaxCrossEntropyLoss`` is opset 12)."""
-    if probabilities:
-        log_p = _log(emit, output)
-    else:
-        log_p = emit.node("LogSoftmax", [output], axis=1)
+    ``LogSoftmax`` of the output, or of ``logits`` when the output already is their softmax.
+    Opset-11 ops only (``SoftmaxCrossEntropyLoss`` is opset 12)."""
+    log_p = emit.node("LogSoftmax", [output if logits is None else logits], axis=1)
     depth = emit.node("Gather", [emit.node("Shape", [output]), emit.const("one", 1, np.int64)], axis=0)
     onehot = emit.node("OneHot", [labels, depth, emit.const("off_on", [0.0, 1.0])], axis=-1)
     total = emit.node("ReduceSum", [emit.node("Mul", [onehot, log_p])], keepdims=0)
@@ -229,9 +249,9 @@ def _ce(emit: Emit, output: str, labels: str, probabilities: bool) -> str:
 
 
 def _log(emit: Emit, probabilities: str) -> str:
-    """``log(p + 1e-12)``: the logits of a softmax output up to a per-row constant, which neither
+    """``log(p + 1e-12)``: the teacher's logits up to a per-row constant, which neither
     ``LogSoftmax`` nor ``softmax(. / T)`` sees (the epsilon keeps a probability that underflowed to
-    0 finite)."""
+    0 finite; the teacher needs no gradient)."""
     return emit.node("Log", [emit.node("Add", [probabilities, emit.const("eps", 1e-12)])])
 
 
