@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import warnings
@@ -532,6 +533,54 @@ def test_adamw_from_the_cli_learns_and_is_stored_for_resume(conv, tmp_path, caps
     assert len(history) == 6 and history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     code, _, err = run(capsys, "train", str(conv), "-o", str(tmp_path / "x.onnx"), "--optimizer", "adam")
     assert code == 2 and "invalid choice: 'adam'" in err and not (tmp_path / "x.onnx").exists()
+
+
+class _ThreeLayers(torch.nn.Module):
+    """conv -> ReLU -> conv -> ReLU -> mean -> linear; ``scale`` a > 0 moves a factor a from conv2
+    to conv1 (ReLU is positively homogeneous): the same function, gradients on other scales."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 3)
+        with torch.no_grad():
+            self.conv1.weight *= scale
+            self.conv1.bias *= scale
+            self.conv2.weight /= scale
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_training_warns_when_one_learning_rate_cannot_serve_the_layers(tmp_path, caplog, scale):
+    """The same network twice, once with a factor 1e-3 moved between its convs (what folding a
+    BatchNorm with small variances does): only that one warns, after its first SGD step, and names
+    conv1; AdamW runs do not check."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ThreeLayers(scale).eval(), (torch.zeros(2, 3, 8, 8),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    model = tmp_path / "m.onnx"
+    model.write_bytes(buf.getvalue())
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.random((16, 3, 8, 8), dtype=np.float32), labels=rng.integers(0, 3, 16))
+    with caplog.at_level(logging.WARNING, logger="onnxdns.training.loop"):
+        api.train(model, tmp_path / "out.onnx", method="none", data=str(data), iterations=2, batch_size=8, lr=0.01,
+                  val_fraction=0.5, threads=1, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "one SGD learning rate" in r.getMessage()]
+    assert len(warned) == (1 if scale != 1.0 else 0)
+    if warned:
+        assert "conv1.weight" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxdns.training.loop"):
+        api.train(model, tmp_path / "adamw.onnx", method="none", data=str(data), iterations=2, batch_size=8, lr=1e-3,
+                  optimizer="adamw", val_fraction=0.5, threads=1, progress=False)
+    assert not [r for r in caplog.records if "one SGD learning rate" in r.getMessage()]
 
 
 class _HardSigmoidNet(ConvNet):

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from onnxdns.errors import OnnxdnsError
+from onnxdns.training import conditioning
 from onnxdns.metrics import Accuracy, Fidelity
 from onnxdns.sources.base import Batch, Source
 from onnxdns.training.losses import LossSpec
@@ -357,7 +358,13 @@ class Trainer:
             hook.before_step(step)
         self._check_shapes(batch)
         feeds, _ = self.feeder(batch)
+        if step == 0 and self.session.artifacts.optimizer == "sgd":
+            before = {n: self.session.get(n) for n in self.session.artifacts.trainable}
         outputs = self.session.train_step(feeds, self.schedule(step))
+        if step == 0 and self.session.artifacts.optimizer == "sgd":
+            warning = conditioning.advice(conditioning.spread(before, self.session.gradients()))
+            if warning:
+                logger.warning("%s", warning)
         for name, param in self.writeback.items():
             self.session.set(param, outputs[self._writeback_index[name]])
         loss = float(outputs[0])

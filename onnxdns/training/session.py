@@ -84,6 +84,11 @@ class TrainingSession:
         """Overwrite parameter ``name``; takes effect at the next step."""
         self.state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
 
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters' gradients of the last step (including any weight
+        decay term the training graph adds)."""
+        return {name: p.grad for name, p in self.state.parameters if p.requires_grad}
+
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, trainable and frozen."""
         return {name: p.data for name, p in self.state.parameters}
