@@ -81,6 +81,16 @@ def test_gradients_match_torch(masked_lenet5, tmp_path, straight):
             assert not got[pruned].any()
 
 
+def _step_both(session, net, opt, x, y, lr) -> None:
+    """One step of the onnxruntime session and of the torch optimizer at learning rate ``lr``."""
+    session.train_step([x, y], lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad()
+    F.cross_entropy(net(torch.tensor(x)), torch.tensor(y)).backward()
+    opt.step()
+
+
 def test_momentum_sgd_matches_torch(tmp_path):
     """Heavy-ball SGD with L2 weight decay and a changing learning rate == torch.optim.SGD, step by step."""
     net = build("lenet-300-100")
@@ -96,13 +106,7 @@ def test_momentum_sgd_matches_torch(tmp_path):
     for step in range(6):
         x = rng.random((32, 1, 28, 28), dtype=np.float32)
         y = rng.integers(0, 10, 32).astype(np.int64)
-        lr = schedule(step)
-        session.train_step([x, y], lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        F.cross_entropy(net(torch.tensor(x)), torch.tensor(y)).backward()
-        opt.step()
+        _step_both(session, net, opt, x, y, schedule(step))
         for name, param in names.items():
             ref = param.detach().numpy()
             np.testing.assert_allclose(session.get(name), ref, rtol=0, atol=2e-7 * max(1.0, np.abs(ref).max()),
@@ -129,13 +133,7 @@ def test_adamw_matches_torch_and_resumes_exactly(tmp_path):
     for step, (x, y) in enumerate(batches):
         if step == 3:
             session.save(tmp_path / "ckpt")
-        lr = schedule(step)
-        session.train_step([x, y], lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        F.cross_entropy(net(torch.tensor(x)), torch.tensor(y)).backward()
-        opt.step()
+        _step_both(session, net, opt, x, y, schedule(step))
         for name, param in names.items():  # Adam's step is ~lr wherever |g| >> eps, whatever |g| is: an
             # element whose gradient is near 0 (rounding-level differences) may differ by a small part of a step
             np.testing.assert_allclose(session.get(name), param.detach().numpy(), rtol=0, atol=1e-2 * 1e-3 * (step + 1),
