@@ -714,13 +714,14 @@ def test_nearest_integer_resize_distills(tmp_path):
 
 def test_softmax_output_found_through_reshape():
     """Converting an opset-11 Softmax to opset 13+ wraps it in Flatten / Reshape (the PP-OCR classifier
-    trained with BatchNorm in training mode): ce still sees probabilities, not logits."""
+    trained with BatchNorm in training mode): ce still finds the Softmax, and takes its input as the logits."""
     from onnx import helper
 
     nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Softmax", ["f"], ["p"], axis=1),
              helper.make_node("Reshape", ["p", "shape"], ["r"]), helper.make_node("Identity", ["r"], ["y"])]
     graph = helper.make_graph(nodes, "g", [], [])
-    assert losses._is_softmax(graph, "y") and not losses._is_softmax(graph, "f")
+    chain = losses._softmax_chain(graph, "y")
+    assert [n.op_type for n in chain] == ["Softmax", "Reshape", "Identity"] and losses._softmax_chain(graph, "f") is None
 
 
 def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):

@@ -215,10 +215,6 @@ def _softmax_chain(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto] | 
     return [node, *reversed(chain)] if node is not None and node.op_type == "Softmax" else None
 
 
-def _is_softmax(graph: onnx.GraphProto, name: str) -> bool:
-    return _softmax_chain(graph, name) is not None
-
-
 def _softmax_logits(emit: Emit, graph: onnx.GraphProto, name: str) -> str | None:
     """The logits of an output computed by a softmax: the Softmax's input sent through the same
     Reshapes, so of the output's shape (None: ``name`` is no softmax). ``log p`` would be the same
