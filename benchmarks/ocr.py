@@ -43,7 +43,8 @@ originals are the wheel's files (path and SHA-256 in the JSON).
 
     python benchmarks/ocr.py                       # data in benchmarks/results/ocr/data (rendered if absent)
     python benchmarks/ocr.py --models cls --methods optimize,sparse-lowrank,dns,slim,sparse-lowrank-ft --threads 1
-    python benchmarks/ocr.py --models det --methods optimize,sparse-lowrank,sparse-lowrank-ft,dns --threads 2
+    python benchmarks/ocr.py --models det --methods optimize,sparse-lowrank,dns,slim,sparse-lowrank-ft --threads 1
+    python benchmarks/ocr.py --latency-only --latency-repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def ensure_data(folder: Path, seed: int, lines: int, pages: int) -> dict:
 
 def folder(data: Path, kind: str, split: str) -> Path:
     return data / kind / split
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as the JSON records it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -249,7 +256,7 @@ def _sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, targ
     details = next(r.details for r in result.passes if r.name == "sparse-lowrank")
     check = details.get("speed_check", {})
     return {"options": {k: v for k, v in options.items() if k != "calib_data"},
-            "calib_data": f"{folder(data, kind, 'train')} (rendered train split)",
+            "calib_data": f"{shown(folder(data, kind, 'train'))} (rendered train split)",
             "split_layers": details.get("split_layers"),
             "speed_check": {"fallback": check.get("fallback"), "skipped": check.get("skipped"),
                             "attempts": [{"split_layers": a["split_layers"], "latency": a["latency"],
@@ -292,16 +299,18 @@ def row_sparse_lowrank(original: Path, out: Path, kind: str, data: Path, args, c
 RECIPES: dict[str, dict[str, Any]] = {
     "cls": {
         "dns": {"iterations": 900, "batch_size": 24, "lr": 0.001, "schedule": "cosine", "dns_c": "-0.8", "dns_ramp": 300},
-        "slim": {"epochs": 6, "finetune_epochs": 12, "lr": 0.003, "finetune_lr": 0.001, "batch_size": 24,
-                 "slim_lambda": 0.01, "prune_ratios": [0.45, 0.5, 0.55]},
+        "slim": [{"epochs": 6, "finetune_epochs": 12, "lr": 0.003, "finetune_lr": 0.001, "batch_size": 24,
+                  "slim_lambda": 0.01, "prune_ratios": [0.45, 0.5, 0.55]},
+                 {"epochs": 6, "finetune_epochs": 12, "lr": 0.001, "finetune_lr": 0.001, "batch_size": 24,
+                  "optimizer": "adamw", "slim_lambda": 0.01, "prune_ratios": [0.3, 0.4, 0.5]}],
         "sparse-lowrank-ft": [{"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine"},
                               {"iterations": 1500, "batch_size": 24, "lr": 0.001, "schedule": "cosine",
                                "optimizer": "adamw"}],
     },
     "det": {
         "dns": {"iterations": 120, "batch_size": 4, "lr": 0.00002, "dns_c": "-0.8", "dns_ramp": 60},
-        "slim": {"iterations": 100, "finetune_iterations": 100, "lr": 0.0002, "finetune_lr": 0.0002, "batch_size": 4,
-                 "slim_lambda": 1e-4, "prune_ratios": [0.3]},
+        "slim": {"iterations": 104, "finetune_iterations": 156, "lr": 3e-5, "finetune_lr": 3e-5, "batch_size": 4,
+                 "optimizer": "adamw", "slim_lambda": 1e-4, "prune_ratios": [0.3]},
         "sparse-lowrank-ft": [{"epochs": 6, "batch_size": 4, "lr": 1e-5, "schedule": "cosine", "optimizer": "adamw"},
                               {"epochs": 6, "batch_size": 4, "lr": 3e-5, "schedule": "cosine", "optimizer": "adamw"}],
     },
@@ -381,61 +390,74 @@ def row_dns(original: Path, out: Path, kind: str, data: Path, args, cache: dict)
     summary = _train(original, trained, original, "dns", options)
     _optimized(trained, out, kind, data)
     trained.unlink()
-    return {"train": {**options, "method": "dns"}, "result": summary}
+    return {"train": {**options, "data": shown(options["data"]), "val_data": shown(options["val_data"]), "method": "dns"},
+            "result": summary}
+
+
+def _choose(sweep: list[dict], knob: str) -> dict:
+    """The val-split choice of a sweep: the largest ``knob`` (prune ratio, split target) with a
+    model that meets the val rule, its best val figure among the recipes; else the best val figure."""
+    passing = [s for s in sweep if s["val_rule_met"]]
+    if passing:
+        top = max(s[knob] for s in passing)
+        return max((s for s in passing if s[knob] == top), key=lambda s: s["val"])
+    return max(sweep, key=lambda s: s["val"])
 
 
 def row_slim(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
-    """Network Slimming (``onnxdns.slim``): sparsity training on the channel scales (the
-    classifier's BatchNorm gamma and inserted scales where a conv has no BatchNorm; the detector:
-    inserted scales on its BN-folded convs, loss distillation), pruning at each ratio of the
-    recipe (the sparsity stage is shared), fine-tuning, optimize. Kept: the largest ratio whose
-    model meets the val rule, else the smallest."""
+    """Network Slimming (``onnxdns.slim``) with each recipe of ``RECIPES[kind]["slim"]``: sparsity
+    training on the channel scales (the classifier's BatchNorm gamma and inserted scales where a
+    conv has no BatchNorm; the detector: inserted scales on its BN-folded convs, loss
+    distillation), pruning at each ratio of the recipe (a recipe's sparsity stage is shared by its
+    ratios), fine-tuning, optimize. Kept (:func:`_choose`): the largest ratio whose model meets the
+    val rule, else the best val figure."""
     slim = _require("slim")
-    recipe = _recipe(kind, "slim", args)
     src = original
     if kind == "det":  # BatchNorm folded first: slim trains inserted scales (fine-tuning distills from it)
         src = out.with_suffix(".folded.tmp.onnx")
         _optimized(original, src, kind, data)
-    options = _train_options(kind, data, args, recipe)
-    for key in ("iterations", "epochs", "lr", "threads", "progress"):
-        options.pop(key, None)
-    stage = {k: recipe[k] for k in ("epochs", "finetune_epochs", "lr", "finetune_lr") if k in recipe}
-    if "iterations" in recipe:  # slim's stages count epochs: iterations as a fraction of one
-        steps = len(list(Path(folder(data, kind, "train")).rglob("*.png"))) / recipe["batch_size"]
-        stage["epochs"] = recipe["iterations"] / steps
-        stage["finetune_epochs"] = recipe["finetune_iterations"] / steps
     original_val = cache.setdefault("original_val", val_fidelity(kind, original, original, data, cache))
-    work = OUT_DIR / "work" / f"{kind}_slim"
     sweep = []
-    for ratio in recipe["prune_ratios"]:
-        path = out.with_name(f"{out.stem}.r{ratio:g}.tmp.onnx")
-        result = slim(src, path, slim_lambda=recipe["slim_lambda"], prune_ratio=ratio, work_dir=work, threads=args.threads,
-                      progress=False, **stage, **options)
-        value = val_fidelity(kind, path, original, data, cache)
-        sweep.append({"prune_ratio": ratio, "path": path, "val": round(value, 4),
-                      "val_rule_met": _val_rule(kind, value, original_val), "macs": stats(path, kind)["macs"],
-                      "stages": [{"name": r.name, "reused": r.reused, "seconds": r.seconds} for r in result.stages]})
-        log.info("%s slim ratio %g: val %.4f (original %.4f), MACs %d", kind, ratio, value, original_val,
-                 sweep[-1]["macs"])
-    passing = [s for s in sweep if s["val_rule_met"]]
-    chosen = max(passing, key=lambda s: s["prune_ratio"]) if passing else min(sweep, key=lambda s: s["prune_ratio"])
+    for number, recipe in enumerate(_recipes(kind, "slim", args)):
+        options = _train_options(kind, data, args, recipe)
+        for key in ("iterations", "epochs", "lr", "threads", "progress"):
+            options.pop(key, None)
+        stage = {k: recipe[k] for k in ("epochs", "finetune_epochs", "lr", "finetune_lr") if k in recipe}
+        if "iterations" in recipe:  # slim's stages count epochs: iterations as a fraction of one
+            steps = len(list(Path(folder(data, kind, "train")).rglob("*.png"))) / recipe["batch_size"]
+            stage["epochs"] = recipe["iterations"] / steps
+            stage["finetune_epochs"] = recipe["finetune_iterations"] / steps
+        work = OUT_DIR / "work" / f"{kind}_slim_{number}"
+        for ratio in recipe["prune_ratios"]:
+            path = out.with_name(f"{out.stem}.{number}.r{ratio:g}.tmp.onnx")
+            result = slim(src, path, slim_lambda=recipe["slim_lambda"], prune_ratio=ratio, work_dir=work,
+                          threads=args.threads, progress=False, **stage, **options)
+            value = val_fidelity(kind, path, original, data, cache)
+            sweep.append({"recipe": number, "prune_ratio": ratio, "path": path, "val": round(value, 4),
+                          "val_rule_met": _val_rule(kind, value, original_val), "macs": stats(path, kind)["macs"],
+                          "slim_lambda": recipe["slim_lambda"], **stage,
+                          "train": {k: v for k, v in options.items() if k not in ("data", "val_data")},
+                          "stages": [{"name": r.name, "reused": r.reused, "seconds": r.seconds} for r in result.stages]})
+            log.info("%s slim recipe %d ratio %g: val %.4f (original %.4f), MACs %d", kind, number, ratio, value,
+                     original_val, sweep[-1]["macs"])
+    chosen = _choose(sweep, "prune_ratio")
     os.replace(chosen["path"], out)
     for s in sweep:
         Path(s["path"]).unlink(missing_ok=True)
     if src != original:
         src.unlink()
-    return {"chosen_prune_ratio": chosen["prune_ratio"], "chosen_by": "val split", "original_val": round(original_val, 4),
-            "val_rule_met": chosen["val_rule_met"], "slim_lambda": recipe["slim_lambda"], **stage,
-            "train": options, "sweep": [{k: v for k, v in s.items() if k != "path"} for s in sweep]}
+    return {"chosen_prune_ratio": chosen["prune_ratio"], "chosen_recipe": chosen["recipe"], "chosen_by": "val split",
+            "original_val": round(original_val, 4), "val_rule_met": chosen["val_rule_met"],
+            "data": {"train": shown(folder(data, kind, "train")), "val": shown(folder(data, kind, "val"))},
+            "sweep": [{k: v for k, v in s.items() if k != "path"} for s in sweep]}
 
 
 def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args, cache: dict) -> dict:
     """sparse-lowrank at each target of ``--{kind}-ft-targets`` (beyond what the split alone keeps
     on val: the fine-tuning recovers the rest), fine-tuned with each recipe of
     ``RECIPES[kind]["sparse-lowrank-ft"]`` (``method="none"``; the classifier learns the labels,
-    the detector distills from the original), then optimized. Kept, on the val split only: the
-    largest target whose best fine-tuned model meets the val rule, with that recipe; else the best
-    val figure of all."""
+    the detector distills from the original), then optimized. Kept (:func:`_choose`, val split
+    only): the largest target whose best fine-tuned model meets the val rule, else the best val figure."""
     original_val = cache.setdefault("original_val", val_fidelity(kind, original, original, data, cache))
     sweep = []
     for target in args.ft_targets[kind]:
@@ -459,19 +481,14 @@ def row_sparse_lowrank_ft(original: Path, out: Path, kind: str, data: Path, args
             log.info("%s sparse-lowrank-ft target %g recipe %d: val %.4f (before fine-tuning %.4f, original %.4f)",
                      kind, target, number, value, details["val_before_finetuning"], original_val)
         split.unlink()
-    passing = [s for s in sweep if s["val_rule_met"]]
-    if passing:
-        top = max(s["target_speedup"] for s in passing)
-        chosen = max((s for s in passing if s["target_speedup"] == top), key=lambda s: s["val"])
-    else:
-        chosen = max(sweep, key=lambda s: s["val"])
+    chosen = _choose(sweep, "target_speedup")
     os.replace(chosen["path"], out)
     for s in sweep:
         Path(s["path"]).unlink(missing_ok=True)
     return {"chosen_target_speedup": chosen["target_speedup"], "chosen_recipe": chosen["recipe"], "chosen_by": "val split",
             "val_rule": "val accuracy loss <= 1 pt" if kind == "cls" else "val mean map IoU >= 0.9",
             "original_val": round(original_val, 4), "val_rule_met": chosen["val_rule_met"],
-            "data": {"train": str(folder(data, kind, "train")), "val": str(folder(data, kind, "val"))},
+            "data": {"train": shown(folder(data, kind, "train")), "val": shown(folder(data, kind, "val"))},
             "sweep": [{k: v for k, v in s.items() if k not in ("path", "sparse_lowrank")} for s in sweep],
             "sparse_lowrank": chosen["sparse_lowrank"], "train": chosen["train"], "result": chosen["result"]}
 
@@ -616,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                     "onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": args.threads,
                     "note": "2 CPU cores shared with other jobs while measuring: latencies are medians of "
                             "interleaved runs, ratios are more reliable than absolute times"},
-        "data": {"folder": str(args.data), "seed": args.seed, "counts": manifest["counts"],
+        "data": {"folder": shown(args.data), "seed": args.seed, "counts": manifest["counts"],
                  "generator": "benchmarks/ocr_data.py", "cls": manifest["cls"], "det": manifest["det"]},
         "metrics": {"binarize_threshold": ocr_metrics.THRESH, "box_thresh": ocr_metrics.BOX_THRESH,
                     "box_match_iou": ocr_metrics.MATCH_IOU, "fidelity_split": "test"},
