@@ -35,12 +35,14 @@ FAST = dict(threads=1, progress=False, momentum=0.0, weight_decay=0.0)
 
 
 def _export(net: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic: dict | None = None) -> Path:
+            dynamic: dict | None = None, opset: int = 17, **options) -> Path:
+    """``net`` exported the usual way (eval mode, the legacy exporter) at ``opset``, batch dynamic."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), args, buf, dynamo=False, opset_version=17, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dynamic or {n: {0: "batch"} for n in inputs + outputs})
+        torch.onnx.export(net.eval(), args, buf, dynamo=False, opset_version=opset, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic or {n: {0: "batch"} for n in inputs + outputs},
+                          **options)
     path.write_bytes(buf.getvalue())
     return path
 
@@ -99,6 +101,15 @@ def _nothing_written(tmp_path: Path, out: Path) -> None:
 # --------------------------------------------------------------------------- losses
 
 
+def _loss_artifacts(model: onnx.ModelProto, spec: losses.LossSpec, directory: Path, shapes: dict) -> artifacts.Artifacts:
+    """Training artifacts of ``model`` with the loss of ``spec`` (plain training, default settings)."""
+    config = TrainConfig(method="none")
+    params = select_parameters(model)
+    options = get_method(config).artifact_options(params)
+    return artifacts.generate(model, directory, api.artifact_spec(config, params, model, options, spec),
+                              input_shapes=shapes)
+
+
 def test_distill_loss_is_kl_with_temperature_plus_mse(tmp_path):
     """The eval model's loss on a batch == KL(softmax(t/T) || softmax(s/T)) * T^2 of the logits +
     MSE of the feature map, student and teacher being different networks."""
@@ -109,11 +120,7 @@ def test_distill_loss_is_kl_with_temperature_plus_mse(tmp_path):
     model = onnx.load(str(student))
     spec = losses.choose(model, loss=None, loss_outputs=None, has_labels=False, temperature=3.0)
     assert spec.kind == "distill" and spec.outputs == ("logits", "map") and spec.classifier == (True, False)
-    config = TrainConfig(method="none")
-    params = select_parameters(model)
-    art = artifacts.generate(model, tmp_path / "art", api.artifact_spec(config, params, model,
-                                                                        get_method(config).artifact_options(params), spec),
-                             input_shapes={"image": (4, 3, 8, 8)})
+    art = _loss_artifacts(model, spec, tmp_path / "art", {"image": (4, 3, 8, 8)})
     assert art.inputs == ("image", "teacher.logits", "teacher.map")
     session = TrainingSession(art, threads=1)
     x = np.random.default_rng(0).random((5, 3, 8, 8), dtype=np.float32)  # eval: another batch size
@@ -141,11 +148,7 @@ def test_distill_on_softmax_outputs_compares_the_logits(tmp_path, scale):
     teacher_net = _SoftmaxNet(seed=2)
     model = onnx.load(str(student))
     spec = losses.choose(model, loss="distill", loss_outputs=None, has_labels=True, temperature=4.0)
-    config = TrainConfig(method="none")
-    params = select_parameters(model)
-    art = artifacts.generate(model, tmp_path / "art", api.artifact_spec(config, params, model,
-                                                                        get_method(config).artifact_options(params), spec),
-                             input_shapes={"image": (4, 3, 8, 8)})
+    art = _loss_artifacts(model, spec, tmp_path / "art", {"image": (4, 3, 8, 8)})
     session = TrainingSession(art, threads=1)
     x = np.random.default_rng(0).random((5, 3, 8, 8), dtype=np.float32)
     with torch.no_grad():
@@ -499,14 +502,8 @@ def test_ce_on_opset_11_softmax_output(tmp_path):
     """An opset-11 classifier whose output is already a softmax (the PP-OCR direction classifier):
     ``ce`` builds with opset-11 ops (SoftmaxCrossEntropyLoss is opset 12) and takes the LogSoftmax
     of the Softmax's input (a second softmax would starve the gradient of wrong predictions); it learns."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_SoftmaxNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
-                          input_names=["image"], output_names=["probs"],
-                          dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}})
-    model = tmp_path / "softmax11.onnx"
-    model.write_bytes(buf.getvalue())
+    model = _export(_SoftmaxNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "softmax11.onnx",
+                    ["image"], ["probs"], opset=11)
     folder = _class_folder(tmp_path / "classes")
     r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", epochs=8, batch_size=8, lr=0.2,
                   val_fraction=0.25, **{**FAST, "momentum": 0.9})
@@ -559,13 +556,7 @@ def test_training_warns_when_one_learning_rate_cannot_serve_the_layers(tmp_path,
     """The same network twice, once with a factor 1e-3 moved between its convs (what folding a
     BatchNorm with small variances does): only that one warns, after its first SGD step, and names
     conv1; AdamW runs do not check."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_ThreeLayers(scale).eval(), (torch.zeros(2, 3, 8, 8),), buf, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    model = tmp_path / "m.onnx"
-    model.write_bytes(buf.getvalue())
+    model = _export(_ThreeLayers(scale), (torch.zeros(2, 3, 8, 8),), tmp_path / "m.onnx", ["x"], ["y"])
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     np.savez(data, x=rng.random((16, 3, 8, 8), dtype=np.float32), labels=rng.integers(0, 3, 16))
@@ -594,14 +585,8 @@ def test_hardsigmoid_model_trains(tmp_path):
     gradient for: training rewrites it as Clip(alpha * x + beta, 0, 1) (the same values) and learns.
     At opset 11 (the PP-OCR classifier), where Clip's gradient needs opset 12's LessOrEqual, the
     training model is converted to opset 12."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_HardSigmoidNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    model = tmp_path / "hs.onnx"
-    model.write_bytes(buf.getvalue())
+    model = _export(_HardSigmoidNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "hs.onnx",
+                    ["image"], ["logits"], opset=11)
     assert any(n.op_type == "HardSigmoid" for n in onnx.load(str(model)).graph.node)
     folder = _class_folder(tmp_path / "classes")
     r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", epochs=2, batch_size=8, lr=0.1,
@@ -627,14 +612,8 @@ def test_opset_11_batchnorm_trains_in_training_mode(tmp_path):
     """BatchNorm in training mode (slim's default) needs opset 14's training_mode: an opset-11 model
     with BatchNorm (the PP-OCR classifier) is converted to opset 14 instead of refused, and its
     running statistics are written back."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_BatchNormNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=11,
-                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    model = tmp_path / "bn11.onnx"
-    model.write_bytes(buf.getvalue())
+    model = _export(_BatchNormNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "bn11.onnx",
+                    ["image"], ["logits"], opset=11, do_constant_folding=False)
     folder = _class_folder(tmp_path / "classes")
     before = _weights(model)
     r = api.train(model, tmp_path / "out.onnx", data=str(folder), method="none", batchnorm="train", epochs=1,
@@ -731,14 +710,8 @@ def test_frozen_batchnorm_normalises_with_stored_statistics(tmp_path):
     to its teacher has zero distillation loss, and gamma / beta still learn."""
     from onnx import helper
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_BatchNormNet().eval(), (torch.zeros(2, 3, 12, 12),), buf, dynamo=False, opset_version=17,
-                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    model = tmp_path / "bn17.onnx"
-    model.write_bytes(buf.getvalue())
+    model = _export(_BatchNormNet(), (torch.zeros(2, 3, 12, 12),), tmp_path / "bn17.onnx",
+                    ["image"], ["logits"], do_constant_folding=False)
     folder = _flat_folder(tmp_path / "pages", n=16)
     r = api.train(model, tmp_path / "same.onnx", data=str(folder), method="none", iterations=1, batch_size=4, lr=1e-9,
                   val_fraction=0.25, **FAST)
