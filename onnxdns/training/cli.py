@@ -76,7 +76,9 @@ def add_optimizer_arguments(group, defaults) -> None:
     group.add_argument("--optimizer", choices=OPTIMIZERS,
                        help="sgd: heavy-ball momentum, as the papers; adamw: per-weight step sizes, for models whose "
                             "layers want very different learning rates (BatchNorm folded into the weights, "
-                            "sparse-lowrank factors); use a smaller --lr, e.g. 1e-4 (default: sgd)")
+                            "sparse-lowrank factors); it moves every weight by about --lr per step, even where the "
+                            "gradient is only rounding noise, so use a --lr well below the weights' scale, e.g. 1e-5 "
+                            "(default: sgd)")
     group.add_argument("--momentum", type=argtypes.real(0.0, 1.0, high_open=True),
                        help=f"SGD momentum; AdamW's beta1 (default: {defaults['momentum']})")
     group.add_argument("--weight-decay", type=argtypes.non_negative_real,

@@ -62,4 +62,5 @@ def advice(s: Spread | None) -> str | None:
     return (f"one SGD learning rate cannot serve this model's layers: the gradient of {s.name} is "
             f"{s.ratio:.3g}x its weights' norm, the median of {s.tensors} weight tensors {s.median:.3g}x "
             f"({s.factor:.3g} times less); a learning rate that trains the others will wreck it. "
-            "--optimizer adamw (with a smaller --lr, e.g. 1e-4) scales each weight's step")
+            "--optimizer adamw scales each weight's step; it moves every weight by about --lr per step, "
+            "so give an --lr well below the smallest weights (1e-5 on the PP-OCR detector)")

@@ -358,13 +358,12 @@ class Trainer:
             hook.before_step(step)
         self._check_shapes(batch)
         feeds, _ = self.feeder(batch)
-        if step == 0 and self.session.artifacts.optimizer == "sgd":
-            before = {n: self.session.get(n) for n in self.session.artifacts.trainable}
+        check = step == 0 and self.session.artifacts.optimizer == "sgd"  # can one SGD rate serve every layer?
+        before = {n: self.session.get(n) for n in self.session.artifacts.trainable} if check else {}
         outputs = self.session.train_step(feeds, self.schedule(step))
-        if step == 0 and self.session.artifacts.optimizer == "sgd":
-            warning = conditioning.advice(conditioning.spread(before, self.session.gradients()))
-            if warning:
-                logger.warning("%s", warning)
+        warning = conditioning.advice(conditioning.spread(before, self.session.gradients())) if check else None
+        if warning:
+            logger.warning("%s", warning)
         for name, param in self.writeback.items():
             self.session.set(param, outputs[self._writeback_index[name]])
         loss = float(outputs[0])

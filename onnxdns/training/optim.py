@@ -20,7 +20,9 @@ graph (see :mod:`onnxdns.training.artifacts`), since the AdamW kernel only decay
 correction, ``betas=(momentum, 0.999)``, ``eps=1e-8``, decoupled weight decay ``w -= lr * wd * w``).
 Its per-parameter step sizes suit models whose layers want very different learning rates, which
 one SGD rate cannot serve: exports with BatchNorm folded into the weights, or factors whose input
-activations differ by orders of magnitude (a sparse-lowrank split of the PP-OCR detector).
+activations differ by orders of magnitude (a sparse-lowrank split of the PP-OCR detector). It
+moves every weight by about ``lr`` per step even where the gradient is only rounding noise (a
+student still equal to its teacher), so its ``lr`` must sit well below the weights' scale.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from onnxdns.training.config import SCHEDULES
 
 
 OPTIMIZERS = ("sgd", "adamw")
-#: AdamW's second-moment decay and epsilon (torch.optim.AdamW's defaults but epsilon, which is 1e-8 there too).
+#: AdamW's second-moment decay and epsilon: torch.optim.AdamW's defaults.
 ADAMW_BETA2 = 0.999
 ADAMW_EPS = 1e-8
 
